@@ -1,0 +1,16 @@
+"""The PSA user cross-attention adapter: processor, adapter module, saving and loading."""
+
+from .adapter import PSAAdapter, PSAAdapterConfig, UserConditioning, UserProjection, cross_attention_layers
+from .processor import UserCrossAttnProcessor
+from .serialization import convert_published_checkpoint, load_adapter
+
+__all__ = [
+    "PSAAdapter",
+    "PSAAdapterConfig",
+    "UserConditioning",
+    "UserCrossAttnProcessor",
+    "UserProjection",
+    "convert_published_checkpoint",
+    "cross_attention_layers",
+    "load_adapter",
+]

@@ -1,0 +1,367 @@
+"""The PSA user adapter: user projection, per-layer user key/value projections, attach/condition."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .processor import UserCrossAttnProcessor
+
+#: Version of the saved adapter format (``psa_config.json`` + ``psa_adapter.safetensors``).
+FORMAT_VERSION = 1
+FORMAT_NAME = "psalign-psa-adapter"
+
+
+@dataclass
+class PSAAdapterConfig:
+    """Everything needed to rebuild an adapter and to check it against a UNet.
+
+    ``layer_names``: processor names (``unet.attn_processors`` keys) of the cross-attention layers,
+    in ``unet.attn_processors`` order; ``layer_dims``: each layer's width before its output
+    projection (heads x head_dim).
+    """
+
+    user_embed_dim: int
+    cross_attention_dim: int
+    layer_names: list[str]
+    layer_dims: list[int]
+    num_user_tokens: int = 1
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PSAAdapterConfig":
+        if data.get("format") != FORMAT_NAME:
+            raise ValueError(f"not a psalign PSA adapter config (format={data.get('format')!r})")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"adapter format version {data['format_version']} is newer than this psalign supports ({FORMAT_VERSION})"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class UserProjection(nn.Module):
+    """User embedding (B, D) -> N user tokens (B, N, d_c): standardise, ``Linear(D, N*d_c)``, ``LayerNorm(d_c)``.
+
+    Standardisation uses the buffers ``embed_mean``/``embed_std`` (identity until
+    :meth:`set_embedding_stats` is called); LLM user embeddings are dominated by a few huge
+    dimensions (cosine similarity ~0.995 between users), and standardising removes that.
+    The **null user** (classifier-free guidance's unconditional branch, and user dropout in
+    training) is the projection of a zero vector in standardised space: ``LayerNorm(proj.bias)``.
+    """
+
+    def __init__(self, user_embed_dim: int, num_tokens: int, cross_attention_dim: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.cross_attention_dim = cross_attention_dim
+        self.proj = nn.Linear(user_embed_dim, num_tokens * cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+        self.register_buffer("embed_mean", torch.zeros(user_embed_dim))
+        self.register_buffer("embed_std", torch.ones(user_embed_dim))
+
+    @torch.no_grad()
+    def set_embedding_stats(self, mean: torch.Tensor, std: torch.Tensor, min_std: float = 1e-6) -> None:
+        """Set the population statistics used to standardise embeddings (dims with std < ``min_std`` are left unscaled)."""
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if mean.shape != self.embed_mean.shape or std.shape != self.embed_std.shape:
+            raise ValueError(
+                f"embedding stats have shapes {tuple(mean.shape)}/{tuple(std.shape)}, "
+                f"expected ({self.embed_mean.numel()},) for this adapter's user_embed_dim"
+            )
+        self.embed_mean.copy_(mean)
+        self.embed_std.copy_(torch.where(std < min_std, torch.ones_like(std), std))
+
+    def forward(self, user_embeds: torch.Tensor, null_user: torch.Tensor | None = None) -> torch.Tensor:
+        """``user_embeds``: (B, D); ``null_user``: optional bool (B,), True rows become the null user."""
+        expected = self.embed_mean.numel()
+        if user_embeds.ndim != 2 or user_embeds.shape[1] != expected:
+            raise ValueError(f"user embeddings must have shape (batch, {expected}), got {tuple(user_embeds.shape)}")
+        x = (user_embeds.to(self.proj.weight.dtype) - self.embed_mean) / self.embed_std
+        if null_user is not None:
+            x = x.masked_fill(null_user.to(device=x.device, dtype=torch.bool)[:, None], 0.0)
+        tokens = self.proj(x).view(x.shape[0], self.num_tokens, self.cross_attention_dim)
+        return self.norm(tokens)
+
+
+@dataclass
+class UserConditioning:
+    """Per-layer user tensors for one batch, computed once per user set (not per denoising step).
+
+    Fast path (one token): ``output_offsets[l]`` (B, C_out) = ``W_o^l (scale W_v^l u)`` / rescale.
+    General path: ``user_keys[l]``, ``user_values[l]`` (B, N, inner_dim) and ``scale``.
+    """
+
+    batch_size: int
+    scale: float
+    output_offsets: list[torch.Tensor] | None = None
+    user_keys: list[torch.Tensor] | None = None
+    user_values: list[torch.Tensor] | None = None
+
+    def check_batch(self, unet_batch: int) -> None:
+        if unet_batch != self.batch_size:
+            raise ValueError(
+                f"the user conditioning has {self.batch_size} rows but the UNet batch has {unet_batch}; "
+                "build it for the call's batch (PSAAdapter.set_users: classifier_free_guidance and "
+                "num_images_per_prompt must match the pipeline call)"
+            )
+
+
+def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """Processor name -> ``Attention`` module of every cross-attention layer, in ``unet.attn_processors`` order."""
+    layers = {}
+    for name in unet.attn_processors:
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        if getattr(module, "is_cross_attention", False):
+            layers[name] = module
+    return layers
+
+
+def _linear_no_bias(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The linear part of an affine layer applied to ``x`` (the output projection, maybe LoRA-wrapped)."""
+    if type(module) is nn.Linear:
+        return F.linear(x.to(module.weight.dtype), module.weight)
+    x = x.to(next(module.parameters()).dtype)
+    return module(x) - module(torch.zeros_like(x))
+
+
+def describe_unet(cross_attention_dim: int, num_layers: int) -> str:
+    """A human label for error messages: ``cross_attention_dim 768, 16 cross-attention layers (SD1.5-like)``."""
+    family = {768: " (SD1.5-like)", 1024: " (SD2-like)", 2048: " (SDXL-like)"}.get(cross_attention_dim, "")
+    return f"cross_attention_dim {cross_attention_dim}, {num_layers} cross-attention layers{family}"
+
+
+class PSAAdapter(nn.Module):
+    """Personalized Safety Alignment adapter for a diffusers ``UNet2DConditionModel``.
+
+    Parameters: ``user_proj`` (:class:`UserProjection`), ``to_v[l]`` = ``Linear(d_c, h_l)`` per
+    cross-attention layer (zero-initialised, so a fresh adapter leaves the UNet output unchanged)
+    and, only for N > 1 user tokens, ``to_k[l]`` (with one token the key cannot matter).
+
+    Typical use with a stock pipeline::
+
+        adapter = PSAAdapter.from_pretrained("adapter_dir").attach(pipe.unet)
+        with adapter.users(embeds, scale=1.0, classifier_free_guidance=True):
+            images = pipe(prompts, guidance_scale=7.5).images
+
+    In training, ``cond = adapter(embeds, null_user)`` (through the DDP wrapper), then
+    ``adapter.activate(cond)`` before the UNet call and ``with adapter.disabled():`` for the reference.
+    """
+
+    def __init__(self, config: PSAAdapterConfig):
+        super().__init__()
+        if config.num_user_tokens < 1:
+            raise ValueError("num_user_tokens must be >= 1")
+        if len(config.layer_names) != len(config.layer_dims):
+            raise ValueError("layer_names and layer_dims must have the same length")
+        self.config = config
+        d_c = config.cross_attention_dim
+        self.user_proj = UserProjection(config.user_embed_dim, config.num_user_tokens, d_c)
+        self.to_v = nn.ModuleList(nn.Linear(d_c, h, bias=False) for h in config.layer_dims)
+        for layer in self.to_v:
+            nn.init.zeros_(layer.weight)
+        self.to_k = (
+            nn.ModuleList(nn.Linear(d_c, h, bias=False) for h in config.layer_dims)
+            if config.num_user_tokens > 1
+            else None
+        )
+        #: One token uses the exact constant-vector fast path; False forces real attention (tests, benchmarks).
+        self.fast_path = True
+        self._attention_layers: list[nn.Module] = []
+        self._active: UserConditioning | None = None
+        self._enabled = True
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_unet(cls, unet: nn.Module, user_embed_dim: int, num_user_tokens: int = 1) -> "PSAAdapter":
+        """A fresh adapter shaped for ``unet``: ``user_embed_dim`` comes from the data (3584 Qwen2.5-7B, 384 MiniLM)."""
+        layers = cross_attention_layers(unet)
+        if not layers:
+            raise ValueError("this UNet has no cross-attention layers to adapt")
+        config = PSAAdapterConfig(
+            user_embed_dim=int(user_embed_dim),
+            cross_attention_dim=int(unet.config.cross_attention_dim),
+            layer_names=list(layers),
+            layer_dims=[int(m.to_out[0].in_features) for m in layers.values()],
+            num_user_tokens=int(num_user_tokens),
+        )
+        adapter = cls(config)
+        if adapter.to_k is not None:  # start the user keys from the layers' text keys (same d_c -> h_l shape)
+            with torch.no_grad():
+                for to_k, module in zip(adapter.to_k, layers.values()):
+                    to_k.weight.copy_(module.to_k.weight.float())
+        return adapter
+
+    @classmethod
+    def from_pretrained(cls, path) -> "PSAAdapter":
+        """Load an adapter saved with :meth:`save_pretrained` (see :mod:`psalign.adapter.serialization`)."""
+        from .serialization import load_adapter_dir
+
+        return load_adapter_dir(path)
+
+    def save_pretrained(self, path, extra: dict | None = None) -> None:
+        """Write ``psa_config.json`` and ``psa_adapter.safetensors`` to the folder ``path`` (atomically)."""
+        from .serialization import save_adapter_dir
+
+        save_adapter_dir(self, path, extra=extra)
+
+    # ------------------------------------------------------------------ attaching
+    def check_unet(self, unet: nn.Module) -> dict[str, nn.Module]:
+        """Return the UNet's cross-attention layers, or raise a clear error if they do not match this adapter."""
+        layers = cross_attention_layers(unet)
+        cfg = self.config
+        ours = describe_unet(cfg.cross_attention_dim, len(cfg.layer_names))
+        theirs = describe_unet(int(unet.config.cross_attention_dim), len(layers))
+        if ours != theirs:
+            raise ValueError(f"this PSA adapter was made for a UNet with {ours}; this UNet has {theirs}")
+        for name, dim, (unet_name, module) in zip(cfg.layer_names, cfg.layer_dims, layers.items()):
+            if name != unet_name:
+                raise ValueError(f"adapter layer {name!r} does not match the UNet's cross-attention layer {unet_name!r}")
+            if int(module.to_out[0].in_features) != dim:
+                raise ValueError(
+                    f"adapter layer {name!r} has width {dim}, the UNet's layer has {module.to_out[0].in_features}"
+                )
+        return layers
+
+    def attach(self, unet: nn.Module) -> "PSAAdapter":
+        """Install a :class:`UserCrossAttnProcessor` on every cross-attention layer of ``unet``; returns self.
+
+        Self-attention processors are left untouched. The adapter's weights stay outside the UNet,
+        so move it with ``adapter.to(device)`` (keep it in fp32 for training).
+        """
+        layers = self.check_unet(unet)
+        processors = dict(unet.attn_processors)
+        for index, name in enumerate(layers):
+            base = processors[name]
+            if isinstance(base, UserCrossAttnProcessor):
+                raise ValueError(f"{name} already has a PSA adapter attached; detach it first")
+            processors[name] = UserCrossAttnProcessor(self, index, base)
+        unet.set_attn_processor(processors)
+        self._attention_layers = list(layers.values())
+        return self
+
+    def detach(self, unet: nn.Module) -> None:
+        """Restore the processors that were in place before :meth:`attach`."""
+        processors = {
+            name: proc.base_processor if isinstance(proc, UserCrossAttnProcessor) else proc
+            for name, proc in unet.attn_processors.items()
+        }
+        unet.set_attn_processor(processors)
+        self._attention_layers = []
+        self._active = None
+
+    # ------------------------------------------------------------------ conditioning
+    @property
+    def uses_fast_path(self) -> bool:
+        return self.config.num_user_tokens == 1 and self.fast_path
+
+    def forward(
+        self, user_embeds: torch.Tensor, null_user: torch.Tensor | None = None, scale: float = 1.0
+    ) -> UserConditioning:
+        """Per-layer user tensors for a batch of users (B, D); rows with ``null_user`` True get the null user."""
+        if not self._attention_layers:
+            raise RuntimeError("attach the adapter to a UNet (adapter.attach(unet)) before conditioning it")
+        tokens = self.user_proj(user_embeds.to(self.user_proj.proj.weight.device), null_user)  # (B, N, d_c)
+        batch = tokens.shape[0]
+        if self.uses_fast_path:
+            offsets = []
+            for to_v, attn in zip(self.to_v, self._attention_layers):
+                offset = _linear_no_bias(attn.to_out[0], scale * to_v(tokens[:, 0]))
+                offsets.append(offset / attn.rescale_output_factor)
+            return UserConditioning(batch_size=batch, scale=scale, output_offsets=offsets)
+        to_k = self.to_k if self.to_k is not None else self.to_v  # N=1 general path: key is irrelevant
+        return UserConditioning(
+            batch_size=batch,
+            scale=scale,
+            user_keys=[k(tokens) for k in to_k],
+            user_values=[v(tokens) for v in self.to_v],
+        )
+
+    def activate(self, conditioning: UserConditioning | None) -> None:
+        """Make ``conditioning`` the one the attached processors use (None: no users set)."""
+        self._active = conditioning
+
+    def active_conditioning(self) -> UserConditioning | None:
+        """What the processors use now: None when disabled; an error when enabled with no users set."""
+        if not self._enabled:
+            return None
+        if self._active is None:
+            raise RuntimeError(
+                "the PSA adapter is attached but no users are set: call adapter.set_users(...) "
+                "(or use `with adapter.users(...)`), or switch it off with `with adapter.disabled():`"
+            )
+        return self._active
+
+    def pipeline_batch(
+        self, user_embeds: torch.Tensor, classifier_free_guidance: bool, num_images_per_prompt: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows in a diffusers pipeline's UNet batch order: each user repeated ``num_images_per_prompt``
+        times; with guidance, the unconditional half (null users) first, as pipelines concatenate it.
+        Returns ``(embeds (B', D), null_user (B',))``."""
+        embeds = torch.as_tensor(user_embeds, dtype=torch.float32)
+        if embeds.ndim == 1:
+            embeds = embeds[None]
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        null = torch.zeros(embeds.shape[0], dtype=torch.bool)
+        if classifier_free_guidance:
+            embeds = torch.cat([embeds, embeds])
+            null = torch.cat([torch.ones_like(null), null])
+        return embeds, null
+
+    @torch.no_grad()
+    def set_users(
+        self,
+        user_embeds: torch.Tensor,
+        scale: float = 1.0,
+        classifier_free_guidance: bool = True,
+        num_images_per_prompt: int = 1,
+    ) -> None:
+        """Condition the next UNet calls on these users, one per prompt (B, D) or one for all (D,).
+
+        ``classifier_free_guidance`` must say whether the pipeline call uses guidance
+        (``guidance_scale > 1`` for SD/SDXL pipelines): the unconditional half gets the null user.
+        """
+        embeds, null = self.pipeline_batch(user_embeds, classifier_free_guidance, num_images_per_prompt)
+        self.activate(self(embeds, null, scale=scale))
+
+    @contextlib.contextmanager
+    def users(self, user_embeds: torch.Tensor, **kwargs) -> Iterator["PSAAdapter"]:
+        """``with adapter.users(embeds, scale=..., classifier_free_guidance=...):`` set users for the block only."""
+        previous = self._active
+        self.set_users(user_embeds, **kwargs)
+        try:
+            yield self
+        finally:
+            self._active = previous
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator["PSAAdapter"]:
+        """Switch the adapter off inside the block: the UNet behaves exactly as without it (DPO reference, base images)."""
+        previous = self._enabled
+        self._enabled = False
+        try:
+            yield self
+        finally:
+            self._enabled = previous
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+
+    def set_embedding_stats(self, mean, std) -> None:
+        """Standardise user embeddings with these population statistics (saved with the adapter)."""
+        self.user_proj.set_embedding_stats(mean, std)

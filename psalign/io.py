@@ -1,0 +1,75 @@
+"""Small I/O helpers shared by the whole package: atomic writes and located input errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """Open a temporary file beside ``path`` and move it over ``path`` only when the block succeeds.
+
+    A crash or exception inside the block leaves any previous ``path`` untouched and no partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for writers that take a file name (``np.save``,
+    ``safetensors.save_file``, ``Image.save``); it replaces ``path`` only when the block succeeds.
+
+    ``suffix`` keeps an extension on the temporary name for writers that infer the format from it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """One problem in an input file: ``file:line: [field] reason``. ``line`` is 1-based (0: whole file)."""
+
+    file: str
+    line: int
+    reason: str
+    field: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else str(self.file)
+        what = f"{self.field}: {self.reason}" if self.field else self.reason
+        return f"{where}: {what}"
+
+
+class InputError(ValueError):
+    """Raised when an input file has problems; lists every one of them, one per line."""
+
+    def __init__(self, problems: Sequence[InputProblem], header: str | None = None):
+        self.problems = list(problems)
+        head = header or f"{len(self.problems)} problem(s) in the input"
+        super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in self.problems))
