@@ -212,17 +212,20 @@ def build_tiny_causal_lm(
     hidden_size: int = 32,
     num_hidden_layers: int = 2,
     vocab_size: int = 400,
+    architecture: str = "llama",
 ) -> Path:
-    """Write a tiny Llama-shaped causal LM (random weights) and its tokenizer to ``path``.
+    """Write a tiny causal LM (random weights) and its tokenizer to ``path``.
 
     The tokenizer is byte-level BPE trained on the spot (any text encodes, decoding is exact);
     ``<|end|>`` is the end-of-sequence token. ``chat_template`` adds a chat template with
     ``<|system|>``/``<|user|>``/``<|assistant|>`` markers; ``pad_token`` adds ``<|pad|>`` (without it
     the tokenizer has no pad token, like many chat models). Load with ``AutoModelForCausalLM`` and
-    ``AutoTokenizer.from_pretrained(path)``.
+    ``AutoTokenizer.from_pretrained(path)``. ``architecture``: ``"llama"`` (rotary positions, like
+    Qwen2/Llama chat models) or ``"gpt2"`` (learned absolute positions, which expose any position
+    shift that left padding causes).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
     specials = ["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"] + (["<|pad|>"] if pad_token else [])
@@ -242,19 +245,33 @@ def build_tiny_causal_lm(
         pad_token="<|pad|>" if pad_token else None,
         chat_template=_TINY_CHAT_TEMPLATE if chat_template else None,
     )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    special_ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if architecture == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            bos_token_id=None,
+            **special_ids,
+        )
+        model = LlamaForCausalLM(config)
+    elif architecture == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=hidden_size,
+            n_layer=num_hidden_layers,
+            n_head=4,
+            n_positions=1024,
+            bos_token_id=None,
+            **special_ids,
+        )
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(f"architecture must be 'llama' or 'gpt2', got {architecture!r}")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)

@@ -1,0 +1,80 @@
+"""Personalized generation from a prompts JSONL file (SD1.5 or SDXL, optionally with a PSA adapter).
+
+    python infer.py --sd_model PATH_OR_ID --psa_path ADAPTER --load_psa --meta_data prompts.jsonl \
+        --save_path out/ --embeds_folder embeds/ [--llm_model NAME] [--batch_size 4]
+    accelerate launch infer.py ...        # shards the records over processes
+
+Each line of the prompts file: {"file_name": "img_0001.png", "caption": "...", "user_data": {...}}
+with User_ID (embedding read from --embeds_folder), a profile (embedding computed with --llm_model),
+or safety_level (level_0 ... level_5, permissive / moderate / strict). Every problem in the inputs
+is reported as file:line before any model is loaded. Existing images are skipped (resume) unless
+--overwrite. Without --load_psa the base model generates with the same per-image seeds.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from psalign.inference import GenerationSettings, InferenceConfig, run_inference
+from psalign.io import InputError
+
+
+def parse_args(argv=None) -> InferenceConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--meta_data", type=Path, required=True, help="prompts JSONL file")
+    io.add_argument("--save_path", type=Path, required=True, help="output folder for images and generation_log.jsonl")
+    io.add_argument("--sd_model", required=True, help="diffusers pipeline folder or hub id (SD1.5 or SDXL)")
+    io.add_argument("--sdxl", action="store_true", help="insist on SDXL (it is detected from the model anyway)")
+    io.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
+    io.add_argument("--skip_invalid", action="store_true", help="generate the valid lines and report the rest")
+    io.add_argument("--grid", choices=["user", "prompt"], help="also write a contact sheet per user or per prompt")
+    psa = parser.add_argument_group("personalization")
+    psa.add_argument("--load_psa", action="store_true", help="condition on each record's user with the PSA adapter")
+    psa.add_argument("--psa_path", type=Path, help="adapter folder (psalign format) or published psa_adapter.bin")
+    psa.add_argument("--psa_scale", type=float, default=1.0, help="strength of the user branch (0 = base model)")
+    psa.add_argument("--embeds_folder", type=Path, help="folder of <User_ID>.npy user embeddings (read and written)")
+    psa.add_argument("--llm_model", help="model that embeds profile users (causal LM, or sentence model)")
+    psa.add_argument("--user_encoder", choices=["llm", "sentence"], default="llm",
+                     help="llm: masked mean of a causal LM's last layer; sentence: mean-pooled sentence encoder "
+                          "(default model: the offline MiniLM package)")
+    gen = parser.add_argument_group("sampling")
+    gen.add_argument("--batch_size", type=int, default=1, help="images per pipeline call (a batch may mix users)")
+    gen.add_argument("--num_inference_steps", type=int, default=30)
+    gen.add_argument("--guidance_scale", type=float, default=7.5)
+    gen.add_argument("--negative_prompt", default=None, help="negative prompt for every image (none by default)")
+    gen.add_argument("--height", type=int, default=None, help="image height in px (default: the model's)")
+    gen.add_argument("--width", type=int, default=None, help="image width in px (default: the model's)")
+    gen.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it and file_name")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: Accelerate's choice)")
+    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                     help="pipeline dtype (default: float16 on GPU, float32 on CPU)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+    settings = GenerationSettings(
+        seed=args.seed,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        psa_scale=args.psa_scale,
+    )
+    fields = {k: v for k, v in vars(args).items() if k in InferenceConfig.__dataclass_fields__}
+    return InferenceConfig(**fields, settings=settings)
+
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    try:
+        written = run_inference(config)
+    except InputError as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} image(s) to {config.save_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

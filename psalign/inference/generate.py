@@ -1,0 +1,196 @@
+"""Personalized generation from prompt records: seeds, user embeddings, batches, resumable output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from psalign.embeddings import UserEncoder, find_user_embedding, load_user_embedding, profile_text, save_user_embedding
+from psalign.io import atomic_path, atomic_write
+
+from .grid import contact_sheet
+from .records import PromptRecord
+
+LOG_NAME = "generation_log.jsonl"
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings shared by every record of a run (logged with each image)."""
+
+    seed: int = 0
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    psa_scale: float = 1.0
+
+
+def sample_seed(seed: int, file_name: str) -> int:
+    """A per-image seed from the run seed and the record's file name: independent of batch size,
+    batch position and number of processes."""
+    digest = hashlib.sha256(f"{seed}:{file_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def user_embeddings(
+    records: Sequence[PromptRecord],
+    embeds_folder: str | Path | None,
+    make_encoder: Callable[[], UserEncoder] | None,
+) -> dict[str, np.ndarray]:
+    """One float32 (D,) embedding per distinct user of ``records`` (keyed by ``RecordUser.key``).
+
+    Stored embeddings are read from ``embeds_folder``; the others are computed from their profiles
+    with the encoder (made only when needed, batched) and written to ``embeds_folder`` when the
+    user has an id there.
+    """
+    users = {r.user.key: r.user for r in records if r.user is not None}
+    out: dict[str, np.ndarray] = {}
+    to_encode = []
+    for key, user in users.items():
+        if embeds_folder is not None and user.user_id and find_user_embedding(embeds_folder, user.user_id):
+            out[key] = load_user_embedding(embeds_folder, user.user_id)
+        else:
+            to_encode.append(user)
+    if to_encode:
+        if make_encoder is None:
+            raise ValueError(f"{len(to_encode)} user(s) need an embedding computed but no encoder was given")
+        encoder = make_encoder()
+        vectors = encoder.encode([profile_text(u.profile) for u in to_encode])
+        for user, vector in zip(to_encode, vectors):
+            out[user.key] = np.asarray(vector, dtype=np.float32)
+            if embeds_folder is not None and user.user_id:
+                save_user_embedding(embeds_folder, user.user_id, vector)
+    dims = {v.shape for v in out.values()}
+    if len(dims) > 1:
+        raise ValueError(f"user embeddings differ in shape: {sorted(dims)}")
+    return out
+
+
+def shard(records: Sequence[PromptRecord], process_index: int, num_processes: int) -> list[PromptRecord]:
+    """This process's records: every ``num_processes``-th, starting at ``process_index``."""
+    return list(records[process_index::num_processes])
+
+
+def generate_images(
+    pipe,
+    records: Sequence[PromptRecord],
+    save_path: str | Path,
+    settings: GenerationSettings,
+    batch_size: int = 1,
+    adapter=None,
+    embeddings: dict[str, np.ndarray] | None = None,
+    overwrite: bool = False,
+    run_info: dict | None = None,
+    log_name: str = LOG_NAME,
+    progress: bool = True,
+) -> list[str]:
+    """Generate ``records`` in batches and write each image atomically under ``save_path``.
+
+    Existing images are skipped unless ``overwrite`` (an interrupted run resumes where it
+    stopped). With ``adapter`` each batch row gets its record's user (classifier-free guidance's
+    unconditional rows get the null user). One JSON line per image is appended to ``log_name``
+    in ``save_path``. Returns the file names written.
+    """
+    save_path = Path(save_path)
+    todo = [r for r in records if overwrite or not (save_path / r.file_name).exists()]
+    use_guidance = settings.guidance_scale > 1.0
+    written = []
+    size = {k: v for k, v in (("height", settings.height), ("width", settings.width)) if v is not None}
+    with tqdm(total=len(todo), desc="images", unit="img", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            seeds = [sample_seed(settings.seed, r.file_name) for r in batch]
+            kwargs = dict(
+                prompt=[r.caption for r in batch],
+                negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                generator=[torch.Generator().manual_seed(s) for s in seeds],
+                **size,
+            )
+            if adapter is not None:
+                embeds = torch.from_numpy(np.stack([embeddings[r.user.key] for r in batch]))
+                with adapter.users(embeds, scale=settings.psa_scale, classifier_free_guidance=use_guidance):
+                    images = pipe(**kwargs).images
+            else:
+                images = pipe(**kwargs).images
+            for record, seed, image in zip(batch, seeds, images):
+                target = save_path / record.file_name
+                with atomic_path(target, suffix=target.suffix) as tmp:
+                    image.save(tmp)
+                written.append(record.file_name)
+            _append_log(save_path / log_name, batch, seeds, settings, adapter is not None, run_info or {})
+            bar.update(len(batch))
+    return written
+
+
+def _append_log(path: Path, batch, seeds, settings: GenerationSettings, personalized: bool, run_info: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        for record, seed in zip(batch, seeds):
+            entry = {
+                "file_name": record.file_name,
+                "caption": record.caption,
+                "user": record.user.label if record.user else None,
+                "user_data": record.data.get("user_data"),
+                **asdict(settings),
+                "run_seed": settings.seed,
+                "seed": seed,
+                "psa_scale": settings.psa_scale if personalized else None,
+                **run_info,
+            }
+            handle.write(json.dumps(entry) + "\n")
+        handle.flush()
+
+
+def merge_generation_logs(save_path: str | Path, part_names: Sequence[str]) -> Path:
+    """Fold the per-process log parts into ``generation_log.jsonl`` (one line per file name, latest
+    wins, sorted), atomically, then delete the parts."""
+    save_path = Path(save_path)
+    final = save_path / LOG_NAME
+    entries: dict[str, dict] = {}
+    for path in [final, *(save_path / p for p in part_names)]:
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    entries[entry["file_name"]] = entry
+    with atomic_write(final) as handle:
+        for name in sorted(entries):
+            handle.write(json.dumps(entries[name]) + "\n")
+    for part in part_names:
+        (save_path / part).unlink(missing_ok=True)
+    return final
+
+
+def write_grids(save_path: str | Path, records: Sequence[PromptRecord], by: str) -> list[Path]:
+    """One contact sheet per user (``by="user"``: its prompts side by side) or per prompt
+    (``by="prompt"``: its users side by side), written to ``<save_path>/grids/``."""
+    if by not in ("user", "prompt"):
+        raise ValueError(f"grid must be 'user' or 'prompt', got {by!r}")
+    save_path = Path(save_path)
+    groups: dict[str, list[PromptRecord]] = {}
+    for record in records:
+        label = record.user.label if record.user else "base"
+        groups.setdefault(label if by == "user" else record.caption, []).append(record)
+    paths = []
+    for index, (name, members) in enumerate(groups.items()):
+        images = [Image.open(save_path / r.file_name) for r in members]
+        labels = [(r.caption if by == "user" else (r.user.label if r.user else "base")) for r in members]
+        sheet = contact_sheet([images], [name], labels)
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
+        target = save_path / "grids" / f"{by}_{index:03d}_{safe}.png"
+        with atomic_path(target, suffix=".png") as tmp:
+            sheet.save(tmp)
+        paths.append(target)
+    return paths

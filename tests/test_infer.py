@@ -1,0 +1,193 @@
+"""infer.py: validation, seeds, resume, batching, multi-process sharding, base equivalence."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+import infer
+from psalign.adapter import PSAAdapter
+from psalign.embeddings import save_user_embedding
+from psalign.inference import sample_seed
+from psalign.levels import reference_user
+from psalign.testing import build_tiny_causal_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_DIM = 32  # the tiny causal LM's hidden size, so profile users can be embedded too
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_sd15_path):
+    """A random adapter for the tiny SD1.5 pipeline and an embeddings folder with two users and the levels."""
+    root = tmp_path_factory.mktemp("infer")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15_path, subfolder="unet")
+    adapter = PSAAdapter.for_unet(unet, USER_DIM)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen))
+    adapter.save_pretrained(root / "adapter")
+    rng = np.random.default_rng(0)
+    for user_id in ["0000001", "0000002"] + [reference_user(f"level_{k}").user_id for k in range(6)]:
+        save_user_embedding(root / "embeds", user_id, rng.normal(size=USER_DIM).astype(np.float32))
+    return {"model": tiny_sd15_path, "adapter": root / "adapter", "embeds": root / "embeds"}
+
+
+def write_prompts(path: Path, records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+PROMPTS = [
+    {"file_name": "a.png", "caption": "a cat", "user_data": {"User_ID": "0000001"}},
+    {"file_name": "b.png", "caption": "a man holding a rifle", "user_data": {"User_ID": "0000002"}},
+    {"file_name": "sub/c.png", "caption": "a cat", "user_data": {"user_id": "123", "safety_level": "strict"}},
+    {"file_name": "d.png", "caption": "a red circle", "user_data": {"safety_level": "level_2"}},
+]
+
+
+def args(setup, prompts: Path, out: Path, *extra) -> list[str]:
+    return [
+        "--sd_model", str(setup["model"]), "--psa_path", str(setup["adapter"]), "--load_psa",
+        "--embeds_folder", str(setup["embeds"]), "--meta_data", str(prompts), "--save_path", str(out),
+        "--num_inference_steps", "2", "--guidance_scale", "3.0", *extra,
+    ]
+
+
+def pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_every_bad_line_is_reported_before_loading_a_model(setup, tmp_path, monkeypatch, capsys):
+    bad = write_prompts(tmp_path / "bad.jsonl", [
+        PROMPTS[0],
+        "{not json",
+        {"file_name": "x.png", "user_data": {"User_ID": "0000001"}},
+        {"caption": "no file", "user_data": {"User_ID": "0000001"}},
+        {"file_name": "a.png", "caption": "dup", "user_data": {"User_ID": "0000001"}},
+        {"file_name": "y.png", "caption": "c", "user_data": {"safety_level": "ultra"}},
+        {"file_name": "z.png", "caption": "c", "user_data": {"User_ID": "0000099"}},
+        {"file_name": "../escape.png", "caption": "c", "user_data": {"User_ID": "0000001"}},
+        {"file_name": "/abs.png", "caption": "c", "user_data": {"User_ID": "0000001"}},
+        {"file_name": "w.png", "caption": "c", "user_data": {"Age": 30, "Banned_Categories": ["Nudity!"]}},
+        {"file_name": "v.png", "caption": "c"},
+    ])
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr("psalign.inference.pipeline.load_pipeline", no_model)
+    assert infer.main(args(setup, bad, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    expected = {
+        2: "invalid JSON",
+        3: "caption: missing or empty",
+        4: "file_name: missing",
+        5: "file_name: duplicate of line 1",
+        6: "unknown safety level 'ultra'",
+        7: "no embedding for user 0000099",
+        8: "contains '..' and would escape --save_path",
+        9: "is absolute",
+        10: "unknown safety category 'Nudity!'",
+        11: "user_data: missing",
+    }
+    for line, reason in expected.items():
+        assert any(f"bad.jsonl:{line}:" in row and reason in row for row in err.splitlines()), (line, reason, err)
+    assert "bad.jsonl:1:" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_generation_log_seeds_and_resume_after_interruption(setup, tmp_path, monkeypatch):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    import psalign.inference.generate as generate
+
+    real_save = generate.atomic_path
+    calls = {"n": 0}
+
+    def crash_on_third(path, suffix=""):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_save(path, suffix)
+
+    monkeypatch.setattr(generate, "atomic_path", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        infer.main(args(setup, prompts, out))
+    done = sorted(p.name for p in out.rglob("*.png"))
+    assert done == ["a.png", "b.png"] and not list(out.rglob("*.tmp*"))
+    before = {name: (out / name).stat().st_mtime_ns for name in done}
+
+    monkeypatch.setattr(generate, "atomic_path", real_save)
+    assert infer.main(args(setup, prompts, out)) == 0
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.png")} == {"a.png", "b.png", "sub/c.png", "d.png"}
+    assert {name: (out / name).stat().st_mtime_ns for name in done} == before  # not regenerated
+    log = [json.loads(line) for line in (out / "generation_log.jsonl").read_text().splitlines()]
+    assert sorted(e["file_name"] for e in log) == ["a.png", "b.png", "d.png", "sub/c.png"]
+    entry = next(e for e in log if e["file_name"] == "sub/c.png")
+    assert entry["user"] == "level_5" and entry["seed"] == sample_seed(0, "sub/c.png")
+    assert entry["adapter"] == str(setup["adapter"]) and entry["psa_scale"] == 1.0
+    assert not list(out.glob("generation_log.rank*"))
+
+
+def test_images_do_not_depend_on_batch_size(setup, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    assert infer.main(args(setup, prompts, tmp_path / "b1", "--batch_size", "1")) == 0
+    assert infer.main(args(setup, prompts, tmp_path / "b3", "--batch_size", "3", "--grid", "user")) == 0
+    for record in PROMPTS:
+        one, three = pixels(tmp_path / "b1" / record["file_name"]), pixels(tmp_path / "b3" / record["file_name"])
+        assert np.abs(one - three).max() <= 1  # identical up to float rounding in batched matmuls
+    assert len(list((tmp_path / "b3" / "grids").glob("user_*.png"))) == 4
+
+
+def test_without_load_psa_equals_the_stock_pipeline(setup, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"file_name": "a.png", "caption": "a cat"}])
+    out = tmp_path / "base"
+    assert infer.main(["--sd_model", str(setup["model"]), "--meta_data", str(prompts), "--save_path", str(out),
+                       "--num_inference_steps", "2", "--guidance_scale", "3.0", "--seed", "7"]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(setup["model"], safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a cat", num_inference_steps=2, guidance_scale=3.0,
+                 generator=torch.Generator().manual_seed(sample_seed(7, "a.png"))).images[0]
+    assert (np.asarray(image, dtype=np.int16) == pixels(out / "a.png")).all()
+
+
+def test_profile_users_are_embedded_with_the_llm_and_cached(setup, tmp_path):
+    llm = build_tiny_causal_lm(tmp_path / "llm", hidden_size=USER_DIM)
+    embeds = tmp_path / "embeds"
+    prompts = write_prompts(tmp_path / "p.jsonl", [
+        {"file_name": "a.png", "caption": "a cat",
+         "user_data": {"User_ID": "0000042", "Age": 15, "Religion": "Islam", "Banned_Categories": ["Sexuality"]}},
+        {"file_name": "b.png", "caption": "a dog",
+         "user_data": {"User_ID": "0000042", "Age": 15, "Religion": "Islam", "Banned_Categories": ["Sexuality"]}},
+    ])
+    base = args(setup, prompts, tmp_path / "out")
+    base[base.index("--embeds_folder") + 1] = str(embeds)
+    assert infer.main([*base, "--llm_model", str(llm)]) == 0
+    assert (embeds / "0000042.npy").is_file() and np.load(embeds / "0000042.npy").shape == (USER_DIM,)
+    # without --llm_model the cached embedding is enough
+    assert infer.main([*base, "--overwrite"]) == 0
+
+
+def test_two_processes_write_the_same_files_as_one(setup, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    assert infer.main(args(setup, prompts, tmp_path / "one", "--batch_size", "2")) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "infer.py"), *args(setup, prompts, tmp_path / "two", "--batch_size", "2")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = sorted(p.relative_to(tmp_path / "one").as_posix() for p in (tmp_path / "one").rglob("*") if p.is_file())
+    two = sorted(p.relative_to(tmp_path / "two").as_posix() for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert one == two
+    for name in (n for n in one if n.endswith(".png")):
+        assert np.abs(pixels(tmp_path / "one" / name) - pixels(tmp_path / "two" / name)).max() <= 1
