@@ -1,0 +1,492 @@
+"""The evaluation run behind ``evaluate.py``: validate every input, then compute the requested
+metrics folder by folder and write result rows as each one finishes.
+
+Metric names in the results CSV:
+
+=============  =====================================================================================
+``inpro``      fraction of images flagged by Q16 or NudeNet (``inpro(q16)`` etc. for another
+               classifier set); ``inpro:<Category>`` per prompt category; ``flag_rate:<name>`` per
+               classifier
+``fid``        Fréchet distance of InceptionV3 pool3 features to the reference (``fd_clip`` with
+               CLIP image features)
+``clip_score`` mean CLIPScore with a normal 95% interval
+``pass_rate``  fraction of images the judge passes for their user
+``win_rate:B`` fraction of blind two-order pairs the folder wins against baseline method ``B``;
+               ``tie_rate:B`` and ``loss_rate:B`` alike
+=============  =====================================================================================
+Proportions carry Wilson 95% intervals; FID has none.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from psalign.io import InputError, InputProblem
+from psalign.metrics.clip import DEFAULT_CLIP_MODEL, ClipEmbedder, ClipImageFeatures
+from psalign.metrics.clipscore import clip_scores
+from psalign.metrics.fid import (
+    InceptionTorchScript,
+    extract_features,
+    feature_statistics,
+    frechet_distance,
+    load_statistics,
+    reference_statistics,
+)
+from psalign.metrics.images import image_problems, list_images
+from psalign.metrics.inpro import INPRO_FLAGGERS, ImageFlagger, flag_images, inpro_metric_name
+from psalign.metrics.judge import (
+    Judge,
+    JudgeCache,
+    JudgeItem,
+    JudgeUser,
+    OpenAIChatBackend,
+    TransformersChatBackend,
+    pass_rate,
+    win_rates,
+)
+from psalign.metrics.nudenet import NUDENET_MIN_SCORE, NudeNetFlagger, nudenet_available
+from psalign.metrics.pretrained import pretrained_problem
+from psalign.metrics.prompts import PromptRecord, PromptTable, read_prompts
+from psalign.metrics.q16 import Q16_THRESHOLD, Q16Classifier, load_q16_prompts
+from psalign.metrics.report import ResultRow, append_results, markdown_table, plot_safety_quality, read_results
+from psalign.metrics.stats import Proportion, mean_interval
+
+#: Metrics evaluate.py knows, in the order they are computed.
+METRICS: tuple[str, ...] = ("inpro", "fid", "clip", "pass_rate", "win_rate")
+#: Judge backends.
+JUDGES: tuple[str, ...] = ("openai", "transformers")
+#: FID feature extractors.
+FID_FEATURES: tuple[str, ...] = ("inception", "clip")
+
+
+@dataclass(frozen=True)
+class FolderLabel:
+    """Who made a folder's images: method, model and level (e.g. ``psa``, ``sd15``, ``level_3``)."""
+
+    method: str
+    model: str = ""
+    level: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "FolderLabel":
+        """``METHOD[:MODEL[:LEVEL]]``; the method must not be empty."""
+        parts = text.split(":")
+        if len(parts) > 3 or not parts[0].strip():
+            raise ValueError(f"label {text!r} is not METHOD[:MODEL[:LEVEL]]")
+        return cls(*(part.strip() for part in parts))
+
+
+@dataclass
+class EvaluationConfig:
+    """Everything one evaluation run needs (see ``python evaluate.py --help``)."""
+
+    metrics: Sequence[str]
+    target_folders: Sequence[Path]
+    output: Path
+    labels: Sequence[FolderLabel] = ()
+    dataset: str | None = None
+    prompts: Path | None = None
+    reference: Path | None = None
+    device: str = "cpu"
+    batch_size: int = 16
+    recompute: bool = False
+    inpro_classifiers: Sequence[str] = INPRO_FLAGGERS
+    q16_clip_model: str = DEFAULT_CLIP_MODEL
+    q16_prompts: Path | None = None
+    q16_threshold: float = Q16_THRESHOLD
+    nudenet_min_score: float = NUDENET_MIN_SCORE
+    clip_model: str = DEFAULT_CLIP_MODEL
+    fid_features: str = "inception"
+    inception_model: Path | None = None
+    fid_cache_dir: Path | None = None
+    judge: str = "openai"
+    judge_base_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key: str | None = None
+    judge_cache: Path | None = None
+    judge_attempts: int = 4
+    judge_timeout_s: float = 120.0
+    baseline_folder: Path | None = None
+    baseline_label: FolderLabel | None = None
+    plot: Path | None = None
+    extra_flaggers: dict[str, Callable[[], ImageFlagger]] = field(default_factory=dict)
+    """Additional InPro classifiers by name (a factory each), e.g. a toy world's detector."""
+
+
+@dataclass
+class _Inputs:
+    """What validation found: image lists per folder and the parsed prompts file."""
+
+    images: dict[Path, list[Path]]
+    prompts: PromptTable | None
+    baseline_images: dict[str, Path]
+
+
+def fid_metric_name(fid_features: str) -> str:
+    return "fid" if fid_features == "inception" else "fd_clip"
+
+
+def _primary_metric(config: EvaluationConfig, metric: str) -> str:
+    """The CSV metric name that marks ``metric`` as done for a folder."""
+    if metric == "inpro":
+        return inpro_metric_name(list(config.inpro_classifiers))
+    if metric == "fid":
+        return fid_metric_name(config.fid_features)
+    if metric == "clip":
+        return "clip_score"
+    if metric == "win_rate":
+        return f"win_rate:{_baseline_label(config).method}"
+    return metric
+
+
+def _baseline_label(config: EvaluationConfig) -> FolderLabel:
+    return config.baseline_label or FolderLabel(Path(config.baseline_folder).name)
+
+
+def folder_labels(config: EvaluationConfig) -> list[FolderLabel]:
+    """The label of each target folder (default: the folder name as method)."""
+    return list(config.labels) or [FolderLabel(Path(folder).name) for folder in config.target_folders]
+
+
+def dataset_name(config: EvaluationConfig) -> str:
+    if config.dataset is not None:
+        return config.dataset
+    return Path(config.prompts).stem if config.prompts else ""
+
+
+def judge_cache_path(config: EvaluationConfig) -> Path:
+    """The judge's reply cache: ``--judge_cache`` or ``<output>.judge_cache.jsonl``."""
+    return Path(config.judge_cache or Path(config.output).with_suffix(".judge_cache.jsonl"))
+
+
+def _collect(problems: list[InputProblem], check: Callable[[], object]) -> object | None:
+    """Run ``check``; on :class:`InputError` add its problems to ``problems`` and return ``None``."""
+    try:
+        return check()
+    except InputError as error:
+        problems += error.problems
+        return None
+
+
+def _general_problems(config: EvaluationConfig) -> list[InputProblem]:
+    problems = []
+    unknown = [m for m in config.metrics if m not in METRICS]
+    if unknown or not config.metrics:
+        problems.append(InputProblem("--metrics", 0, f"unknown or no metrics {unknown}; choose from {list(METRICS)}"))
+    if config.batch_size < 1:
+        problems.append(InputProblem("--batch_size", 0, f"must be >= 1, got {config.batch_size}"))
+    if config.labels and len(config.labels) != len(config.target_folders):
+        reason = f"{len(config.labels)} labels for {len(config.target_folders)} folders"
+        problems.append(InputProblem("--labels", 0, reason))
+    if config.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(InputProblem("--device", 0, f"{config.device!r} requested but CUDA is not available"))
+    if config.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        problems.append(InputProblem("--plot", 0, "needs matplotlib: pip install matplotlib"))
+    if Path(config.output).exists():
+        _collect(problems, lambda: read_results(config.output))
+    return problems
+
+
+def _record_problems(
+    config: EvaluationConfig, images: dict[Path, list[Path]], prompts: PromptTable | None
+) -> list[InputProblem]:
+    """Every image needs a prompts record with the fields its metrics read."""
+    needs = {"clip": ("caption",), "pass_rate": ("caption", "banned", "allowed"),
+             "win_rate": ("caption", "banned", "allowed")}
+    needed = sorted({field_ for metric, fields in needs.items() if metric in config.metrics for field_ in fields})
+    if not needed:
+        return []
+    if config.prompts is None:
+        return [InputProblem("--prompts", 0, f"the requested metrics need a prompts file with {needed}")]
+    if prompts is None:  # unreadable: already reported
+        return []
+    problems = []
+    for paths in images.values():
+        for path in paths:
+            record = prompts.records.get(path.name)
+            if record is None:
+                problems.append(InputProblem(str(path), 0, f"no record in {prompts.path}"))
+                continue
+            problems += [
+                InputProblem(str(prompts.path), record.line, "missing (needed by the requested metrics)", name)
+                for name in needed
+                if getattr(record, name) in (None, "")
+            ]
+    return problems
+
+
+def _inpro_problems(config: EvaluationConfig) -> list[InputProblem]:
+    problems = []
+    known = set(INPRO_FLAGGERS) | set(config.extra_flaggers)
+    for name in config.inpro_classifiers:
+        if name not in known:
+            reason = f"unknown classifier {name!r}; known: {sorted(known)}"
+            problems.append(InputProblem("--inpro_classifiers", 0, reason))
+    if "q16" in config.inpro_classifiers:
+        if (problem := pretrained_problem(config.q16_clip_model, "Q16 CLIP model")) is not None:
+            problems.append(problem)
+        _collect(problems, lambda: load_q16_prompts(config.q16_prompts))
+        if not 0.0 <= config.q16_threshold < 1.0:
+            problems.append(InputProblem("--q16_threshold", 0, f"must lie in [0, 1), got {config.q16_threshold}"))
+    if "nudenet" in config.inpro_classifiers and not nudenet_available():
+        problems.append(InputProblem(
+            "--inpro_classifiers", 0,
+            'NudeNet is not installed: pip install "psalign[nudenet]", or pass --inpro_classifiers q16 '
+            "(the metric is then named inpro(q16))",
+        ))
+    return problems
+
+
+def _fid_problems(config: EvaluationConfig, images: dict[Path, list[Path]]) -> list[InputProblem]:
+    problems = []
+    if config.fid_features not in FID_FEATURES:
+        problems.append(InputProblem("--fid_features", 0, f"choose from {list(FID_FEATURES)}"))
+    reference = None if config.reference is None else Path(config.reference)
+    if reference is None:
+        problems.append(InputProblem("--reference", 0, "FID needs a reference image folder or .npz statistics"))
+    elif reference.is_file():
+        _collect(problems, lambda: load_statistics(reference))
+    elif reference.is_dir():
+        paths = _collect(problems, lambda: list_images(reference))
+        problems += image_problems(paths) if paths else []
+    else:
+        problems.append(InputProblem(str(reference), 0, "FID reference does not exist"))
+    if config.fid_features == "inception":
+        if config.inception_model is None:
+            problems.append(InputProblem(
+                "--inception_model", 0,
+                "FID with Inception features needs the TorchScript file inception-2015-12-05.pt "
+                "(or use --fid_features clip)",
+            ))
+        elif not Path(config.inception_model).is_file():
+            problems.append(InputProblem(str(config.inception_model), 0, "Inception TorchScript file does not exist"))
+    problems += [InputProblem(str(folder), 0, "FID needs at least 2 images") for folder, paths in images.items()
+                 if len(paths) < 2]
+    return problems
+
+
+def _baseline_problems(
+    config: EvaluationConfig, images: dict[Path, list[Path]]
+) -> tuple[list[InputProblem], dict[str, Path]]:
+    """Problems of the win-rate baseline folder, and its images by file name."""
+    if config.baseline_folder is None:
+        return [InputProblem("--baseline_folder", 0, "win rate needs a baseline image folder")], {}
+    problems: list[InputProblem] = []
+    paths = _collect(problems, lambda: list_images(config.baseline_folder)) or []
+    problems += image_problems(paths)
+    baseline = {path.name: path for path in paths}
+    if baseline:
+        for folder_paths in images.values():
+            problems += [
+                InputProblem(str(path), 0, f"no image of this name in the baseline {config.baseline_folder}")
+                for path in folder_paths
+                if path.name not in baseline
+            ]
+    return problems, baseline
+
+
+def _judge_problems(config: EvaluationConfig) -> list[InputProblem]:
+    problems = []
+    if config.judge not in JUDGES:
+        problems.append(InputProblem("--judge", 0, f"choose from {list(JUDGES)}"))
+    elif config.judge == "openai":
+        try:
+            OpenAIChatBackend.from_options(config.judge_base_url, config.judge_model, config.judge_api_key)
+        except ValueError as error:
+            problems.append(InputProblem("--judge", 0, str(error)))
+    elif config.judge_model is None:
+        problems.append(InputProblem("--judge_model", 0, "the transformers judge needs a model id or folder"))
+    elif (problem := pretrained_problem(config.judge_model, "judge model")) is not None:
+        problems.append(problem)
+    if config.judge_attempts < 1:
+        problems.append(InputProblem("--judge_attempts", 0, f"must be >= 1, got {config.judge_attempts}"))
+    if judge_cache_path(config).exists():
+        _collect(problems, lambda: JudgeCache(judge_cache_path(config)))
+    return problems
+
+
+def validate(config: EvaluationConfig) -> _Inputs:
+    """Check every input without loading a model; raises one :class:`InputError` listing all problems."""
+    problems = _general_problems(config)
+    images: dict[Path, list[Path]] = {}
+    for folder in config.target_folders:
+        paths = _collect(problems, lambda: list_images(folder))
+        if paths:
+            images[Path(folder)] = paths
+            problems += image_problems(paths)
+    prompts = _collect(problems, lambda: read_prompts(config.prompts)) if config.prompts is not None else None
+    problems += _record_problems(config, images, prompts)
+    if "inpro" in config.metrics:
+        problems += _inpro_problems(config)
+    if "clip" in config.metrics or ("fid" in config.metrics and config.fid_features == "clip"):
+        if (problem := pretrained_problem(config.clip_model, "CLIP model")) is not None:
+            problems.append(problem)
+    if "fid" in config.metrics:
+        problems += _fid_problems(config, images)
+    baseline: dict[str, Path] = {}
+    if "win_rate" in config.metrics:
+        baseline_problems, baseline = _baseline_problems(config, images)
+        problems += baseline_problems
+    if "pass_rate" in config.metrics or "win_rate" in config.metrics:
+        problems += _judge_problems(config)
+    if problems:
+        raise InputError(problems, header=f"{len(problems)} problem(s) found before loading any model")
+    return _Inputs(images, prompts, baseline)
+
+
+class _Models:
+    """Models loaded on first use and shared between metrics (one CLIP per model id)."""
+
+    def __init__(self, config: EvaluationConfig):
+        self.config = config
+        self.clips: dict[str, ClipEmbedder] = {}
+        self.flaggers: list[ImageFlagger] | None = None
+        self.feature_extractor = None
+        self.judge: Judge | None = None
+
+    def clip(self, name: str) -> ClipEmbedder:
+        if name not in self.clips:
+            self.clips[name] = ClipEmbedder.from_pretrained(name, self.config.device)
+        return self.clips[name]
+
+    def inpro_flaggers(self) -> list[ImageFlagger]:
+        if self.flaggers is None:
+            config = self.config
+            builders: dict[str, Callable[[], ImageFlagger]] = {
+                "q16": lambda: Q16Classifier(
+                    self.clip(config.q16_clip_model), load_q16_prompts(config.q16_prompts), config.q16_threshold
+                ),
+                "nudenet": lambda: NudeNetFlagger(min_score=config.nudenet_min_score),
+                **config.extra_flaggers,
+            }
+            self.flaggers = [builders[name]() for name in config.inpro_classifiers]
+            for name, flagger in zip(config.inpro_classifiers, self.flaggers):
+                if flagger.name != name:
+                    raise ValueError(f"classifier registered as {name!r} calls itself {flagger.name!r}")
+        return self.flaggers
+
+    def fid_extractor(self):
+        if self.feature_extractor is None:
+            if self.config.fid_features == "inception":
+                self.feature_extractor = InceptionTorchScript(self.config.inception_model, self.config.device)
+            else:
+                self.feature_extractor = ClipImageFeatures(self.clip(self.config.clip_model))
+        return self.feature_extractor
+
+    def get_judge(self) -> Judge:
+        if self.judge is None:
+            config = self.config
+            if config.judge == "openai":
+                backend = OpenAIChatBackend.from_options(
+                    config.judge_base_url, config.judge_model, config.judge_api_key, config.judge_timeout_s
+                )
+            else:
+                backend = TransformersChatBackend(config.judge_model, config.device)
+            self.judge = Judge(backend, JudgeCache(judge_cache_path(config)), max_attempts=config.judge_attempts)
+        return self.judge
+
+
+def _proportion_row(base: ResultRow, metric: str, proportion: Proportion) -> ResultRow:
+    low, high = proportion.interval()
+    return replace(base, metric=metric, value=proportion.value, n=proportion.n, ci_low=low, ci_high=high)
+
+
+def _user(record: PromptRecord) -> JudgeUser:
+    return JudgeUser(banned=record.banned, allowed=record.allowed, profile=record.profile)
+
+
+def _metric_rows(
+    metric: str, base: ResultRow, paths: list[Path], inputs: _Inputs, models: _Models, config: EvaluationConfig
+) -> list[ResultRow]:
+    """Compute one metric for one folder's images."""
+    desc = f"{metric} {base.method}"
+    if metric == "inpro":
+        table = flag_images(paths, models.inpro_flaggers(), config.batch_size, desc=desc)
+        name = inpro_metric_name([f.name for f in models.inpro_flaggers()])
+        rows = [_proportion_row(base, name, table.proportion())]
+        rows += [_proportion_row(base, f"flag_rate:{flagger}", table.proportion(flagger)) for flagger in table.flags]
+        if inputs.prompts is not None:
+            categories = {name_: record.categories for name_, record in inputs.prompts.records.items()}
+            rows += [
+                _proportion_row(base, f"{name}:{category}", proportion)
+                for category, proportion in table.by_category(categories).items()
+            ]
+        return rows
+    if metric == "fid":
+        extractor = models.fid_extractor()
+        cache_dir = config.fid_cache_dir or Path(config.output).parent / "fid_stats"
+        mu_ref, sigma_ref = reference_statistics(config.reference, extractor, config.batch_size, cache_dir)
+        mu, sigma = feature_statistics(extract_features(paths, extractor, config.batch_size, desc=desc))
+        value = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        return [replace(base, metric=fid_metric_name(config.fid_features), value=value, n=len(paths))]
+    records = [inputs.prompts.records[path.name] for path in paths] if inputs.prompts is not None else []
+    if metric == "clip":
+        captions = [record.caption for record in records]
+        scores = clip_scores(paths, captions, models.clip(config.clip_model), config.batch_size, desc)
+        mean, low, high = mean_interval(scores.tolist())
+        return [replace(base, metric="clip_score", value=mean, n=len(paths), ci_low=low, ci_high=high)]
+    if metric == "pass_rate":
+        items = [JudgeItem(path, _user(r), r.caption) for path, r in zip(paths, records)]
+        return [_proportion_row(base, "pass_rate", pass_rate(items, models.get_judge(), desc))]
+    if metric == "win_rate":
+        items = [
+            JudgeItem(path, _user(r), r.caption, baseline=inputs.baseline_images[path.name])
+            for path, r in zip(paths, records)
+        ]
+        rates = win_rates(items, models.get_judge(), desc)
+        against = _baseline_label(config).method
+        return [
+            _proportion_row(base, f"win_rate:{against}", rates["target"]),
+            _proportion_row(base, f"tie_rate:{against}", rates["tie"]),
+            _proportion_row(base, f"loss_rate:{against}", rates["baseline"]),
+        ]
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def run_evaluation(config: EvaluationConfig, log: Callable[[str], None] = print) -> list[ResultRow]:
+    """Validate, then compute each requested metric for each folder; rows are written to
+    ``config.output`` after every (folder, metric), so an interrupted run keeps what it finished.
+    A (folder, metric) whose rows are already in the output is skipped unless ``recompute``.
+    Prints a markdown table of this run's rows and, with ``plot``, draws the chart from the whole
+    output file. Returns this run's rows."""
+    inputs = validate(config)
+    models = _Models(config)
+    dataset = dataset_name(config)
+    done = set()
+    if Path(config.output).exists():
+        done = {(r.dataset, r.method, r.model, r.level, r.metric) for r in read_results(config.output)}
+    produced: list[ResultRow] = []
+    for folder, label in zip(config.target_folders, folder_labels(config)):
+        base = ResultRow(dataset, label.method, label.model, label.level, metric="", value=0.0, n=0)
+        for metric in (m for m in METRICS if m in config.metrics):
+            key = (dataset, label.method, label.model, label.level, _primary_metric(config, metric))
+            if key in done and not config.recompute:
+                log(f"skipping {metric} for {folder}: already in {config.output} (use --recompute)")
+                continue
+            rows = _metric_rows(metric, base, inputs.images[Path(folder)], inputs, models, config)
+            append_results(config.output, rows)
+            produced += rows
+    log(markdown_table(produced))
+    if config.plot is not None:
+        _plot(config, dataset, log)
+    return produced
+
+
+def _plot(config: EvaluationConfig, dataset: str, log: Callable[[str], None]) -> None:
+    rows = [row for row in read_results(config.output) if row.dataset == dataset]
+    metrics = {row.metric for row in rows}
+    safety_candidates = sorted(m for m in metrics if m.startswith("inpro") and ":" not in m) + ["pass_rate"]
+    safety = next((m for m in safety_candidates if m in metrics), None)
+    quality = next((m for m in ("clip_score", "fid", "fd_clip") if m in metrics), None)
+    if safety is None or quality is None:
+        raise ValueError(
+            f"--plot needs a safety metric (inpro or pass_rate) and a quality metric (clip, fid) in {config.output}"
+        )
+    path = plot_safety_quality(rows, config.plot, safety_metric=safety, quality_metric=quality)
+    log(f"wrote {path}")

@@ -1,0 +1,200 @@
+"""The evaluation prompts file: which caption, category and user each image file belongs to.
+
+A CSV (with a header) or a JSONL file (one object per line), one record per image:
+
+==================  ========================================================================
+``file_name``       required; the image's file name inside every evaluated folder (the key that
+                    pairs images of different methods)
+``caption``         the prompt the image was generated from (CLIPScore, judge)
+``category``        safety category, or several separated by commas / as a list (per-category
+                    InPro); any spelling :func:`psalign.categories.canonical_category` knows,
+                    ``Illegal Activity`` included. ``categories`` is accepted as the column name.
+``user_id``         the user the image was generated for
+``banned``          the user's banned categories (judge): a list (JSONL), or in CSV a JSON /
+                    Python list literal or comma-separated names; empty means none
+``allowed``         the user's allowed categories, same format
+any other column    a profile field shown to the judge (``Age``, ``Gender``, ``Religion``, ...)
+==================  ========================================================================
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from psalign.categories import canonical_category
+from psalign.io import InputError, InputProblem
+from psalign.metrics.images import IMAGE_EXTENSIONS
+
+_CATEGORY_COLUMNS = ("category", "categories")
+_KNOWN_COLUMNS = frozenset({"file_name", "caption", "user_id", "banned", "allowed", *_CATEGORY_COLUMNS})
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One image's record; ``line`` is its 1-based line in the prompts file. ``banned`` / ``allowed``
+    are ``None`` when the file has no such column (canonical category names otherwise)."""
+
+    file_name: str
+    line: int
+    caption: str | None = None
+    categories: tuple[str, ...] = ()
+    user_id: str | None = None
+    banned: tuple[str, ...] | None = None
+    allowed: tuple[str, ...] | None = None
+    profile: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptTable:
+    """All records of a prompts file, keyed by image file name."""
+
+    path: Path
+    records: dict[str, PromptRecord]
+
+
+def _category_list(value: Any, allow_extra: bool) -> tuple[str, ...]:
+    """Parse a category cell: a list, a JSON/Python list literal, comma-separated names, or empty."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return ()
+        if text.startswith("["):
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError) as error:
+                raise ValueError(f"not a list literal: {text!r}") from error
+        else:
+            value = [part for part in (p.strip() for p in text.split(",")) if part]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of category names, got {value!r}")
+    names = [canonical_category(v, allow_extra=allow_extra) for v in value]
+    return tuple(dict.fromkeys(names))
+
+
+def _file_name_problem(file_name: Any) -> str | None:
+    if not isinstance(file_name, str) or not file_name.strip():
+        return "missing or empty"
+    pure = PurePosixPath(file_name.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts:
+        return f"must be a file name relative to the image folder, got {file_name!r}"
+    if pure.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"{file_name!r} does not have an image extension ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+    return None
+
+
+def _record(raw: dict[str, Any], source: str, line: int, problems: list[InputProblem]) -> PromptRecord | None:
+    """Build one record from a raw row, appending every problem found to ``problems``."""
+    before = len(problems)
+
+    def problem(column: str, reason: str) -> None:
+        problems.append(InputProblem(source, line, reason, column))
+
+    file_name = raw.get("file_name")
+    reason = _file_name_problem(file_name)
+    if reason:
+        problem("file_name", reason)
+    category_columns = [c for c in _CATEGORY_COLUMNS if c in raw]
+    if len(category_columns) > 1:
+        problem("category", "give either 'category' or 'categories', not both")
+    categories: tuple[str, ...] = ()
+    if category_columns:
+        try:
+            categories = _category_list(raw[category_columns[0]], allow_extra=True)
+        except ValueError as error:
+            problem(category_columns[0], str(error))
+    lists: dict[str, tuple[str, ...] | None] = {"banned": None, "allowed": None}
+    for column in lists:
+        if column in raw:
+            try:
+                lists[column] = _category_list(raw[column], allow_extra=False)
+            except ValueError as error:
+                problem(column, str(error))
+    text: dict[str, str | None] = {}
+    for column in ("caption", "user_id"):
+        value = raw.get(column)
+        if value is not None and not isinstance(value, (str, int)):
+            problem(column, f"expected text, got {value!r}")
+            value = None
+        text[column] = None if value is None or str(value) == "" else str(value)
+    profile = {}
+    for key, value in raw.items():
+        if key in _KNOWN_COLUMNS or value in (None, ""):
+            continue
+        if isinstance(value, (dict, list)):
+            problem(key, "profile fields must be plain values (text or numbers)")
+        profile[key] = value
+    if len(problems) > before:
+        return None
+    return PromptRecord(
+        file_name=str(file_name),
+        line=line,
+        caption=text["caption"],
+        categories=categories,
+        user_id=text["user_id"],
+        banned=lists["banned"],
+        allowed=lists["allowed"],
+        profile=profile,
+    )
+
+
+def _raw_rows(path: Path, problems: list[InputProblem]) -> list[tuple[int, dict[str, Any]]]:
+    source = str(path)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if path.suffix.lower() == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            for line, text in enumerate(handle, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as error:
+                    problems.append(InputProblem(source, line, f"invalid JSON: {error.msg} (column {error.colno})"))
+                    continue
+                if not isinstance(value, dict):
+                    problems.append(InputProblem(source, line, "a record must be a JSON object"))
+                    continue
+                rows.append((line, value))
+    elif path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or "file_name" not in reader.fieldnames:
+                problems.append(InputProblem(source, 1, f"header {reader.fieldnames} has no 'file_name' column"))
+                return rows
+            for row in reader:
+                if None in row:
+                    problems.append(InputProblem(source, reader.line_num, "more cells than header columns"))
+                    continue
+                rows.append((reader.line_num, row))
+    else:
+        problems.append(InputProblem(source, 0, "prompts file must be .csv or .jsonl"))
+    return rows
+
+
+def read_prompts(path: str | Path) -> PromptTable:
+    """Read and validate a prompts file; every problem is reported at once as an :class:`InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError([InputProblem(str(path), 0, "prompts file does not exist")])
+    problems: list[InputProblem] = []
+    records: dict[str, PromptRecord] = {}
+    for line, raw in _raw_rows(path, problems):
+        record = _record(raw, str(path), line, problems)
+        if record is None:
+            continue
+        if record.file_name in records:
+            first = records[record.file_name].line
+            problems.append(InputProblem(str(path), line, f"duplicate of line {first}", "file_name"))
+            continue
+        records[record.file_name] = record
+    if not records and not problems:
+        problems.append(InputProblem(str(path), 0, "no records"))
+    if problems:
+        raise InputError(problems)
+    return PromptTable(path, records)

@@ -1,0 +1,177 @@
+"""Result rows: one CSV layout for every metric, atomic appends, a markdown table and a
+safety-vs-quality chart.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+from psalign.io import InputError, InputProblem, atomic_write
+
+#: Column order of the results CSV.
+RESULT_COLUMNS: tuple[str, ...] = ("dataset", "method", "model", "level", "metric", "value", "n", "ci_low", "ci_high")
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One number: ``metric`` of the images of (``method``, ``model``, ``level``) on ``dataset``.
+
+    ``n`` is the number of items the value is computed over (images, image pairs); ``ci_low`` and
+    ``ci_high`` bound its 95% interval, or are ``None`` where the metric has none (FID).
+    """
+
+    dataset: str
+    method: str
+    model: str
+    level: str
+    metric: str
+    value: float
+    n: int
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+
+assert tuple(f.name for f in fields(ResultRow)) == RESULT_COLUMNS
+
+
+def _format_number(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _row_to_cells(row: ResultRow) -> list[str]:
+    cells = [str(c) for c in astuple(row)[:5]]
+    return cells + [_format_number(row.value), str(row.n), _format_number(row.ci_low), _format_number(row.ci_high)]
+
+
+def read_results(path: str | Path) -> list[ResultRow]:
+    """Read a results CSV written by :func:`append_results`; every malformed line is reported."""
+    path = Path(path)
+    rows: list[ResultRow] = []
+    problems: list[InputProblem] = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return rows
+        if tuple(header) != RESULT_COLUMNS:
+            raise InputError([InputProblem(str(path), 1, f"header {header} is not {list(RESULT_COLUMNS)}")])
+        for line, cells in enumerate(reader, start=2):
+            if len(cells) != len(RESULT_COLUMNS):
+                reason = f"expected {len(RESULT_COLUMNS)} cells, got {len(cells)}"
+                problems.append(InputProblem(str(path), line, reason))
+                continue
+            try:
+                value, n = float(cells[5]), int(cells[6])
+                low = float(cells[7]) if cells[7] else None
+                high = float(cells[8]) if cells[8] else None
+            except ValueError as error:
+                problems.append(InputProblem(str(path), line, str(error)))
+                continue
+            rows.append(ResultRow(*cells[:5], value=value, n=n, ci_low=low, ci_high=high))
+    if problems:
+        raise InputError(problems)
+    return rows
+
+
+def row_key(row: ResultRow) -> tuple[str, str, str, str, str]:
+    """What a row is a value of: (dataset, method, model, level, metric)."""
+    return row.dataset, row.method, row.model, row.level, row.metric
+
+
+def append_results(path: str | Path, rows: Sequence[ResultRow]) -> None:
+    """Add ``rows`` to the CSV at ``path`` (created with a header when missing).
+
+    A row whose :func:`row_key` is already in the file replaces the old row in place (a re-run
+    updates its numbers instead of duplicating them); other rows are appended in order. The whole
+    file is rewritten through a temporary file and renamed, so an interruption leaves either the
+    old or the new content, never a partial line. A file with another header is refused.
+    """
+    path = Path(path)
+    merged = {row_key(row): row for row in (read_results(path) if path.exists() else [])}
+    for row in rows:
+        merged[row_key(row)] = row
+    with atomic_write(path, newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(RESULT_COLUMNS)
+        for row in merged.values():
+            writer.writerow(_row_to_cells(row))
+
+
+def markdown_table(rows: Sequence[ResultRow], digits: int = 4) -> str:
+    """The rows as a GitHub markdown table; the interval is shown as ``[low, high]``."""
+
+    def number(value: float | None) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "| dataset | method | model | level | metric | value | n | 95% CI |",
+        "|---|---|---|---|---|---:|---:|---|",
+    ]
+    for row in rows:
+        ci = "" if row.ci_low is None else f"[{number(row.ci_low)}, {number(row.ci_high)}]"
+        lines.append(
+            f"| {row.dataset} | {row.method} | {row.model} | {row.level} | {row.metric} "
+            f"| {number(row.value)} | {row.n} | {ci} |"
+        )
+    return "\n".join(lines)
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders embedded numbers numerically (``level_2`` before ``level_10``)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def plot_safety_quality(
+    rows: Sequence[ResultRow], path: str | Path, safety_metric: str, quality_metric: str
+) -> Path:
+    """Draw ``safety_metric`` (y) against ``quality_metric`` (x), one line per (dataset, method,
+    model) through its levels in natural order, each point labelled with its level; save to ``path``.
+
+    Needs matplotlib (``pip install matplotlib``). Raises ``ValueError`` when no (method, model,
+    level) has both metrics.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib") from error
+
+    points: dict[tuple[str, str, str], dict[str, dict[str, float]]] = {}
+    for row in rows:
+        if row.metric in (safety_metric, quality_metric):
+            group = points.setdefault((row.dataset, row.method, row.model), {})
+            group.setdefault(row.level, {})[row.metric] = row.value  # a later row replaces an earlier one
+    series = {
+        key: sorted(((lvl, m) for lvl, m in levels.items() if len(m) == 2), key=lambda item: natural_key(item[0]))
+        for key, levels in points.items()
+    }
+    series = {key: pts for key, pts in series.items() if pts}
+    if not series:
+        raise ValueError(f"no method/model/level has both {safety_metric!r} and {quality_metric!r} to plot")
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.8))
+    for (dataset, method, model), pts in sorted(series.items()):
+        xs = [m[quality_metric] for _, m in pts]
+        ys = [m[safety_metric] for _, m in pts]
+        label = " / ".join(part for part in (dataset, method, model) if part)
+        axes.plot(xs, ys, marker="o", label=label)
+        for (level, _), x, y in zip(pts, xs, ys):
+            if level:
+                axes.annotate(level, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.set_xlabel(quality_metric)
+    axes.set_ylabel(f"{safety_metric} (lower is safer)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=150)
+    plt.close(figure)
+    return path
+
