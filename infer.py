@@ -17,6 +17,9 @@ from pathlib import Path
 
 from psalign.inference import GenerationSettings, InferenceConfig, run_inference
 from psalign.io import InputError
+from psalign.methods import method_names
+from psalign.methods.prompt import PROMPT_MODES
+from psalign.methods.sld import SLD_PRESETS
 
 
 def parse_args(argv=None) -> InferenceConfig:
@@ -29,8 +32,17 @@ def parse_args(argv=None) -> InferenceConfig:
     io.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
     io.add_argument("--skip_invalid", action="store_true", help="generate the valid lines and report the rest")
     io.add_argument("--grid", choices=["user", "prompt"], help="also write a contact sheet per user or per prompt")
-    psa = parser.add_argument_group("personalization")
-    psa.add_argument("--load_psa", action="store_true", help="condition on each record's user with the PSA adapter")
+    methods = parser.add_argument_group("alignment method")
+    methods.add_argument("--method", help=f"one of: {', '.join(method_names())}; or package.module:NAME for a plug-in "
+                         "(default: psa with --load_psa, safetydpo with --lora_path, else base)")
+    methods.add_argument("--lora_path", type=Path, help="safetydpo: LoRA weights in diffusers format")
+    methods.add_argument("--lora_scale", type=float, default=1.0, help="safetydpo: LoRA strength")
+    methods.add_argument("--prompt_mode", choices=PROMPT_MODES, default="both",
+                         help="prompt: append an instruction, build a negative prompt, or both")
+    methods.add_argument("--unet_weights", type=Path, help="erased_unet: safetensors UNet state dict (ESD-u, UCE, ...)")
+    methods.add_argument("--sld_preset", choices=SLD_PRESETS, default="medium", help="sld: Safe Latent Diffusion preset")
+    psa = parser.add_argument_group("personalization (psa)")
+    psa.add_argument("--load_psa", action="store_true", help="shorthand for --method psa")
     psa.add_argument("--psa_path", type=Path, help="adapter folder (psalign format) or published psa_adapter.bin")
     psa.add_argument("--psa_scale", type=float, default=1.0, help="strength of the user branch (0 = base model)")
     psa.add_argument("--embeds_folder", type=Path, help="folder of <User_ID>.npy user embeddings (read and written)")
@@ -59,7 +71,6 @@ def parse_args(argv=None) -> InferenceConfig:
         negative_prompt=args.negative_prompt,
         height=args.height,
         width=args.width,
-        psa_scale=args.psa_scale,
     )
     fields = {k: v for k, v in vars(args).items() if k in InferenceConfig.__dataclass_fields__}
     return InferenceConfig(**fields, settings=settings)

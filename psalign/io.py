@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import IO, Iterator, Sequence
 
 
+def _umask_mode() -> int:
+    """Permissions a plain ``open()`` would give a new file (mkstemp's files are owner-only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file beside ``path`` and move it over ``path`` only when the block succeeds.
@@ -19,6 +26,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _umask_mode())
     try:
         with os.fdopen(fd, mode, **open_kwargs) as handle:
             yield handle
@@ -41,6 +49,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    os.fchmod(fd, _umask_mode())
     os.close(fd)
     try:
         yield Path(tmp)

@@ -52,7 +52,8 @@ class UserCrossAttnProcessor:
         if cond.output_offsets is not None:
             out = self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
             offset = cond.output_offsets[self.layer_index].to(out.dtype)  # (B, C_out)
-            return out + (offset[:, :, None, None] if out.ndim == 4 else offset[:, None, :])
+            # in place: no new activation tensor (autograd refuses it loudly if it were ever unsafe)
+            return out.add_(offset[:, :, None, None] if out.ndim == 4 else offset[:, None, :])
         return _decoupled_attention(
             attn,
             hidden_states,

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from psalign.io import atomic_path, atomic_write
 
 from .grid import contact_sheet
 from .records import PromptRecord
+
+if TYPE_CHECKING:
+    from psalign.methods import Method
 
 LOG_NAME = "generation_log.jsonl"
 
@@ -32,7 +35,6 @@ class GenerationSettings:
     negative_prompt: str | None = None
     height: int | None = None
     width: int | None = None
-    psa_scale: float = 1.0
 
 
 def sample_seed(seed: int, file_name: str) -> int:
@@ -86,26 +88,30 @@ def generate_images(
     records: Sequence[PromptRecord],
     save_path: str | Path,
     settings: GenerationSettings,
+    method: "Method | None" = None,
     batch_size: int = 1,
-    adapter=None,
-    embeddings: dict[str, np.ndarray] | None = None,
     overwrite: bool = False,
     run_info: dict | None = None,
     log_name: str = LOG_NAME,
     progress: bool = True,
 ) -> list[str]:
-    """Generate ``records`` in batches and write each image atomically under ``save_path``.
+    """Generate ``records`` in batches with ``method`` (default: the plain pipeline) and write each
+    image atomically under ``save_path``.
 
     Existing images are skipped unless ``overwrite`` (an interrupted run resumes where it
-    stopped). With ``adapter`` each batch row gets its record's user (classifier-free guidance's
-    unconditional rows get the null user). One JSON line per image is appended to ``log_name``
-    in ``save_path``. Returns the file names written.
+    stopped). One JSON line per image (file, caption, user, seed, sampling settings, method and
+    its parameters, ``run_info``) is appended to ``log_name`` in ``save_path``. Returns the file
+    names written.
     """
+    from psalign.methods import get_method
+
+    method = method or get_method("base")()
     save_path = Path(save_path)
     todo = [r for r in records if overwrite or not (save_path / r.file_name).exists()]
-    use_guidance = settings.guidance_scale > 1.0
     written = []
     size = {k: v for k, v in (("height", settings.height), ("width", settings.width)) if v is not None}
+    log_fields = {**asdict(settings), "run_seed": settings.seed, "method": method.name, **method.log_params(),
+                  **(run_info or {})}
     with tqdm(total=len(todo), desc="images", unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -118,23 +124,18 @@ def generate_images(
                 generator=[torch.Generator().manual_seed(s) for s in seeds],
                 **size,
             )
-            if adapter is not None:
-                embeds = torch.from_numpy(np.stack([embeddings[r.user.key] for r in batch]))
-                with adapter.users(embeds, scale=settings.psa_scale, classifier_free_guidance=use_guidance):
-                    images = pipe(**kwargs).images
-            else:
-                images = pipe(**kwargs).images
-            for record, seed, image in zip(batch, seeds, images):
+            images = method.generate(pipe, batch, kwargs)
+            for record, image in zip(batch, images):
                 target = save_path / record.file_name
                 with atomic_path(target, suffix=target.suffix) as tmp:
                     image.save(tmp)
                 written.append(record.file_name)
-            _append_log(save_path / log_name, batch, seeds, settings, adapter is not None, run_info or {})
+            _append_log(save_path / log_name, batch, seeds, log_fields)
             bar.update(len(batch))
     return written
 
 
-def _append_log(path: Path, batch, seeds, settings: GenerationSettings, personalized: bool, run_info: dict) -> None:
+def _append_log(path: Path, batch: Sequence[PromptRecord], seeds: Sequence[int], fields: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
         for record, seed in zip(batch, seeds):
@@ -143,14 +144,10 @@ def _append_log(path: Path, batch, seeds, settings: GenerationSettings, personal
                 "caption": record.caption,
                 "user": record.user.label if record.user else None,
                 "user_data": record.data.get("user_data"),
-                **asdict(settings),
-                "run_seed": settings.seed,
+                **fields,
                 "seed": seed,
-                "psa_scale": settings.psa_scale if personalized else None,
-                **run_info,
             }
             handle.write(json.dumps(entry) + "\n")
-        handle.flush()
 
 
 def merge_generation_logs(save_path: str | Path, part_names: Sequence[str]) -> Path:

@@ -135,11 +135,14 @@ def read_prompt_records(
     embeds_folder: str | Path | None = None,
     need_users: bool = True,
     can_encode: bool = False,
+    need_profiles: bool = False,
 ) -> tuple[list[PromptRecord], list[InputProblem]]:
     """Parse and check every line of a prompts JSONL file; returns ``(valid records, problems)``.
 
     With ``need_users`` each record must name a user whose embedding can be had: stored in
     ``embeds_folder``, or computable from a profile when ``can_encode`` (an encoder was given).
+    With ``need_profiles`` each record's user must come with banned categories (a safety level or
+    profile fields).
     Nothing is loaded but the text file and file-existence checks.
     """
     path = Path(path)
@@ -179,7 +182,7 @@ def read_prompt_records(
                 else:
                     seen[file_name] = number
             user = None
-            if need_users or "user_data" in data:
+            if need_users or need_profiles or "user_data" in data:
                 if "user_data" not in data:
                     problem("missing (needed to choose the user)", "user_data")
                 else:
@@ -194,6 +197,9 @@ def read_prompt_records(
                     problem(f"no embedding for user {user.user_id} {where}", "user_data")
                 elif not stored and not can_encode:
                     problem(f"user {user.label} has no stored embedding; give --llm_model to compute it", "user_data")
+            if need_profiles and user is not None and user.profile is None:
+                problem(f"user {user.label} has no profile here; give safety_level or profile fields "
+                        "(Banned_Categories, ...)", "user_data")
             if len(problems) == before:
                 records.append(PromptRecord(number, file_name, caption, user, data))
     return records, problems

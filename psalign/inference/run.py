@@ -12,6 +12,7 @@ import torch
 
 from psalign.embeddings import find_user_embedding
 from psalign.io import InputError, InputProblem
+from psalign.methods import Method, get_method
 
 from .generate import GenerationSettings, generate_images, merge_generation_logs, shard, user_embeddings, write_grids
 from .records import PromptRecord, read_prompt_records
@@ -19,11 +20,21 @@ from .records import PromptRecord, read_prompt_records
 
 @dataclass
 class InferenceConfig:
+    """Everything ``infer.py`` takes. ``method`` None picks ``psa`` with ``load_psa``, ``safetydpo``
+    with ``lora_path``, else ``base``; each method reads its own options from here."""
+
     meta_data: Path
     save_path: Path
     sd_model: str
+    method: str | None = None
     psa_path: Path | None = None
     load_psa: bool = False
+    psa_scale: float = 1.0
+    lora_path: Path | None = None
+    lora_scale: float = 1.0
+    prompt_mode: str = "both"
+    unet_weights: Path | None = None
+    sld_preset: str = "medium"
     sdxl: bool = False
     embeds_folder: Path | None = None
     llm_model: str | None = None
@@ -37,28 +48,51 @@ class InferenceConfig:
     settings: GenerationSettings = field(default_factory=GenerationSettings)
 
 
-def _adapter_embed_dim(psa_path: Path) -> int | None:
+def method_name(config: InferenceConfig) -> str:
+    """The method to run: ``--method``, else the shorthands ``--load_psa`` (psa) and ``--lora_path`` (safetydpo)."""
+    implied = "psa" if config.load_psa else "safetydpo" if config.lora_path else None
+    if config.method and implied and config.method != implied:
+        flag = "--load_psa" if config.load_psa else "--lora_path"
+        raise ValueError(f"--method {config.method} conflicts with {flag} (which means --method {implied})")
+    return config.method or implied or "base"
+
+
+def encoder_factory(config: InferenceConfig):
+    """A function making the user encoder for profile users, or None when none was configured."""
+    if config.llm_model is None and config.user_encoder != "sentence":
+        return None
+
+    def make():
+        from psalign.embeddings import CausalLMUserEncoder, SentenceUserEncoder
+
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if config.user_encoder == "sentence":
+            return SentenceUserEncoder(config.llm_model, device=device)
+        return CausalLMUserEncoder(config.llm_model, device=device)
+
+    return make
+
+
+def _adapter_embed_dim(psa_path: Path | None) -> int | None:
     """D_user of an adapter folder, read from its small JSON config (None for published checkpoints)."""
-    config = Path(psa_path) / "psa_config.json"
-    return json.loads(config.read_text())["user_embed_dim"] if config.is_file() else None
+    config = Path(psa_path) / "psa_config.json" if psa_path else None
+    return json.loads(config.read_text())["user_embed_dim"] if config and config.is_file() else None
 
 
-def validate(config: InferenceConfig) -> tuple[list[PromptRecord], list[InputProblem]]:
+def validate(config: InferenceConfig, method: Method) -> tuple[list[PromptRecord], list[InputProblem]]:
     """Every problem with the inputs, found without loading any model."""
-    problems: list[InputProblem] = []
-    if config.load_psa:
-        if config.psa_path is None:
-            problems.append(InputProblem("--psa_path", 0, "required with --load_psa"))
-        elif not Path(config.psa_path).exists():
-            problems.append(InputProblem(str(config.psa_path), 0, "PSA adapter not found"))
+    problems = list(method.check())
     if config.embeds_folder is not None and not Path(config.embeds_folder).is_dir() and not config.llm_model:
         problems.append(InputProblem(str(config.embeds_folder), 0, "embeddings folder not found"))
-    can_encode = config.llm_model is not None or config.user_encoder == "sentence"
     records, record_problems = read_prompt_records(
-        config.meta_data, config.embeds_folder, need_users=config.load_psa, can_encode=can_encode
+        config.meta_data,
+        config.embeds_folder,
+        need_users=method.needs_user_embeddings,
+        can_encode=encoder_factory(config) is not None,
+        need_profiles=method.needs_user_profiles,
     )
     problems += record_problems
-    expected_dim = _adapter_embed_dim(config.psa_path) if config.load_psa and config.psa_path else None
+    expected_dim = _adapter_embed_dim(config.psa_path) if method.needs_user_embeddings else None
     if expected_dim is not None and config.embeds_folder is not None:
         valid = []
         for record in records:
@@ -75,19 +109,15 @@ def validate(config: InferenceConfig) -> tuple[list[PromptRecord], list[InputPro
     return records, problems
 
 
-def _make_encoder(config: InferenceConfig, device: str):
-    from psalign.embeddings import CausalLMUserEncoder, SentenceUserEncoder
-
-    if config.user_encoder == "sentence":
-        return SentenceUserEncoder(config.llm_model, device=device)
-    return CausalLMUserEncoder(config.llm_model, device=device)
-
-
 def run_inference(config: InferenceConfig) -> list[str]:
     """Generate every valid record not yet on disk; returns the file names this process wrote."""
     from accelerate import PartialState
 
-    records, problems = validate(config)
+    try:
+        method = get_method(method_name(config)).from_config(config)
+    except ValueError as error:  # unknown method, conflicting shorthands, bad method option
+        raise InputError([InputProblem("--method", 0, str(error))], header="bad method options") from None
+    records, problems = validate(config, method)
     if problems:
         error = InputError(problems, header=f"{len(problems)} problem(s) in the inputs")
         if not config.skip_invalid:
@@ -101,19 +131,8 @@ def run_inference(config: InferenceConfig) -> list[str]:
     from .pipeline import load_pipeline
 
     pipe = load_pipeline(config.sd_model, device=device, dtype=dtype, sdxl=config.sdxl or None)
+    pipe = method.prepare(pipe, mine, device)
     pipe.set_progress_bar_config(disable=True)
-    adapter, embeddings = None, None
-    run_info = {"model": str(config.sd_model), "adapter": None}
-    if config.load_psa:
-        from psalign.adapter import load_adapter
-
-        adapter = load_adapter(config.psa_path, pipe.unet).to(device)
-        embeddings = user_embeddings(
-            mine,
-            config.embeds_folder,
-            (lambda: _make_encoder(config, device)),
-        )
-        run_info["adapter"] = str(config.psa_path)
     part = f"generation_log.rank{state.process_index}.jsonl"
     written = generate_images(
         pipe,
@@ -121,10 +140,9 @@ def run_inference(config: InferenceConfig) -> list[str]:
         config.save_path,
         config.settings,
         batch_size=config.batch_size,
-        adapter=adapter,
-        embeddings=embeddings,
+        method=method,
         overwrite=config.overwrite,
-        run_info=run_info,
+        run_info={"model": str(config.sd_model)},
         log_name=part,
         progress=state.is_main_process,
     )

@@ -1,0 +1,58 @@
+"""``psa``: the personalized user adapter, one user per record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from psalign.io import InputProblem
+
+from .base import Method, register_method
+
+
+@register_method
+class PSAMethod(Method):
+    """Condition every image on its record's user through a PSA adapter (``--psa_path``, ``--psa_scale``)."""
+
+    name = "psa"
+    needs_user_embeddings = True
+
+    def __init__(self, psa_path: Path | None, scale: float = 1.0, embeds_folder=None, make_encoder=None):
+        self.psa_path = psa_path
+        self.scale = scale
+        self.embeds_folder = embeds_folder
+        self.make_encoder = make_encoder
+        self.adapter = None
+        self.embeddings: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def from_config(cls, config) -> "PSAMethod":
+        from psalign.inference.run import encoder_factory
+
+        return cls(config.psa_path, config.psa_scale, config.embeds_folder, encoder_factory(config))
+
+    def check(self) -> list[InputProblem]:
+        if self.psa_path is None:
+            return [InputProblem("--psa_path", 0, "required by the psa method (--load_psa)")]
+        if not Path(self.psa_path).exists():
+            return [InputProblem(str(self.psa_path), 0, "PSA adapter not found")]
+        return []
+
+    def prepare(self, pipe, records, device):
+        from psalign.adapter import load_adapter
+        from psalign.inference.generate import user_embeddings
+
+        self.adapter = load_adapter(self.psa_path, pipe.unet).to(device)
+        self.embeddings = user_embeddings(records, self.embeds_folder, self.make_encoder)
+        return pipe
+
+    def generate(self, pipe, batch, call_kwargs):
+        embeds = torch.from_numpy(np.stack([self.embeddings[r.user.key] for r in batch]))
+        guidance = call_kwargs.get("guidance_scale", 7.5) > 1.0
+        with self.adapter.users(embeds, scale=self.scale, classifier_free_guidance=guidance):
+            return pipe(**call_kwargs).images
+
+    def log_params(self) -> dict:
+        return {"adapter": str(self.psa_path), "psa_scale": self.scale}
