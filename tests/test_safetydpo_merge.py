@@ -1,0 +1,115 @@
+"""Merging SafetyDPO experts: Co-Merge, averaging, TIES, SVD re-factoring, diffusers LoRA round trip."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from psalign.safetydpo.lora import read_lora_deltas, save_lora_factors
+from psalign.safetydpo.merge import (
+    average_merge,
+    co_merge,
+    fuse_into_unet,
+    record_input_activations,
+    refactor_to_lora,
+    ties_merge,
+)
+
+
+def block_experts(num_experts=3, rows=9, cols=6, seed=0):
+    """Expert k is large on rows [3k, 3k+3) and small elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    experts = []
+    for k in range(num_experts):
+        delta = 0.01 * torch.randn(rows, cols, generator=gen)
+        delta[3 * k : 3 * k + 3] = torch.randn(3, cols, generator=gen).sign() * (1 + torch.rand(3, cols, generator=gen))
+        experts.append({"layer": delta})
+    return experts
+
+
+def test_co_merge_takes_each_block_from_the_expert_that_dominates_it():
+    experts = block_experts()
+    activations = [{"layer": torch.ones(6)} for _ in experts]
+    merged = co_merge(experts, activations)["layer"]
+    for k, expert in enumerate(experts):
+        assert torch.equal(merged[3 * k : 3 * k + 3], expert["layer"][3 * k : 3 * k + 3])
+
+
+def test_co_merge_scores_weights_by_input_activity():
+    # equal |dW| everywhere; expert 0 sees large inputs on column 0, expert 1 on column 1
+    e0 = {"m": torch.tensor([[1.0, -1.0], [1.0, -1.0]])}
+    e1 = {"m": torch.tensor([[-1.0, 1.0], [-1.0, 1.0]])}
+    acts = [{"m": torch.tensor([5.0, 0.1])}, {"m": torch.tensor([0.1, 5.0])}]
+    merged = co_merge([e0, e1], acts)["m"]
+    assert merged.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    # hand computation of the score rule: |dW| * mean|x|
+    e1_big = {"m": torch.tensor([[-3.0, 1.0], [-1.0, 1.0]])}
+    merged = co_merge([e0, e1_big], acts)["m"]
+    assert merged.tolist() == [[1.0, 1.0], [1.0, 1.0]]  # 3 * 0.1 = 0.3 < 1 * 5 = 5: expert 0 keeps (0, 0)
+    with pytest.raises(ValueError, match="no calibration activations recorded for module m"):
+        co_merge([e0, e1], [{"m": torch.ones(2)}, {}])
+
+
+def test_average_and_ties_against_hand_computations():
+    e0 = {"m": torch.tensor([[4.0, -1.0, 0.5]])}
+    e1 = {"m": torch.tensor([[2.0, 3.0, -0.2]])}
+    assert average_merge([e0, e1])["m"][0].tolist() == pytest.approx([3.0, 1.0, 0.15])
+    # density 2/3 keeps e0: [4, -1, 0], e1: [2, 3, 0]; signs of sums: +, +, 0
+    # entry 0: mean(4, 2) = 3; entry 1: only e1 agrees -> 3; entry 2: nothing kept -> 0
+    assert ties_merge([e0, e1], density=2 / 3)["m"][0].tolist() == pytest.approx([3.0, 3.0, 0.0])
+    with pytest.raises(ValueError, match="adapts different modules"):
+        average_merge([e0, {"n": torch.zeros(1, 3)}])
+
+
+def test_refactor_is_exact_at_full_rank_and_reports_truncation_error():
+    gen = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(8, 3, generator=gen) @ torch.randn(3, 10, generator=gen)
+    factors, errors = refactor_to_lora({"m": low_rank}, rank=3)
+    a, b = factors["m"]
+    assert a.shape == (3, 10) and b.shape == (8, 3) and errors["m"] < 1e-6
+    torch.testing.assert_close(b @ a, low_rank, rtol=1e-5, atol=1e-5)
+    _, errors = refactor_to_lora({"m": low_rank}, rank=1)
+    s = torch.linalg.svdvals(low_rank.double())
+    assert errors["m"] == pytest.approx((s[1:].square().sum().sqrt() / s.square().sum().sqrt()).item(), rel=1e-5)
+
+
+def test_merged_lora_round_trips_through_load_lora_weights(tiny_sd15_path, tmp_path):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_path, safety_checker=None)
+    names = [n for n, m in pipe.unet.named_modules() if n.endswith(("attn1.to_q", "attn2.to_v", "attn2.to_out.0"))]
+    gen = torch.Generator().manual_seed(0)
+    experts = []
+    for _ in range(3):
+        experts.append({n: 0.05 * torch.randn(pipe.unet.get_submodule(n).weight.shape, generator=gen) for n in names})
+    acts = [{n: torch.rand(pipe.unet.get_submodule(n).weight.shape[1], generator=gen) for n in names} for _ in experts]
+    merged = co_merge(experts, acts)
+    rank = max(min(d.shape) for d in merged.values())  # full rank for every module: exact
+    factors, errors = refactor_to_lora(merged, rank=rank)
+    assert max(errors.values()) < 1e-5
+    save_lora_factors(tmp_path / "merged", factors, rank=rank)
+    for name, delta in read_lora_deltas(tmp_path / "merged").items():
+        torch.testing.assert_close(delta, merged[name], rtol=1e-4, atol=1e-5)
+
+    inputs = dict(sample=torch.randn(1, 4, 16, 16, generator=gen), timestep=torch.tensor([50]),
+                  encoder_hidden_states=torch.randn(1, 77, 32, generator=gen))
+    with torch.no_grad():
+        base = pipe.unet(**inputs).sample
+    pipe.load_lora_weights(str(tmp_path / "merged"))
+    with torch.no_grad():
+        loaded = pipe.unet(**inputs).sample
+    fused_pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_path, safety_checker=None)
+    fuse_into_unet(fused_pipe.unet, merged)
+    with torch.no_grad():
+        fused = fused_pipe.unet(**inputs).sample
+    torch.testing.assert_close(loaded, fused, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(loaded, base, atol=1e-4)
+
+
+def test_record_input_activations_is_the_mean_absolute_input(tiny_sd15_path):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_path, safety_checker=None)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    context = torch.randn(2, 77, 32)
+
+    def run():
+        pipe.unet(torch.randn(2, 4, 16, 16), torch.tensor([10, 20]), encoder_hidden_states=context)
+
+    acts = record_input_activations(pipe.unet, [name], run)
+    torch.testing.assert_close(acts[name], context.abs().reshape(-1, 32).mean(dim=0))
