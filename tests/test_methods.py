@@ -1,6 +1,7 @@
 """Plug-and-play alignment methods behind one interface."""
 
 import json
+from pathlib import Path
 import sys
 import textwrap
 
@@ -181,3 +182,15 @@ def test_conflicting_method_flags_are_reported(tiny_sd15_path, tmp_path, capsys)
     code = infer.main(["--sd_model", str(tiny_sd15_path), "--meta_data", str(prompts), "--save_path",
                        str(tmp_path / "o"), "--method", "base", "--load_psa"])
     assert code == 2 and "--method base conflicts with --load_psa" in capsys.readouterr().err
+
+
+def test_evaluation_labels_folders_from_the_generation_log(tiny_sd15_path, tmp_path):
+    from psalign.metrics.evaluation import EvaluationConfig, folder_labels
+
+    prompts = [{"file_name": "a.png", "caption": "a cat", "user_data": {"safety_level": "moderate"}}]
+    out, _ = run_method(tiny_sd15_path, tmp_path, "--method", "prompt", "--prompt_mode", "negative", prompts=prompts)
+    (tmp_path / "plain").mkdir()
+    labels = folder_labels(EvaluationConfig(metrics=["inpro"], target_folders=[out, tmp_path / "plain"],
+                                            output=tmp_path / "r.csv"))
+    assert (labels[0].method, labels[0].model, labels[0].level) == ("prompt", Path(tiny_sd15_path).name, "level_3")
+    assert labels[1].method == "plain"

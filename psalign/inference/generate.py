@@ -155,8 +155,8 @@ def merge_generation_logs(save_path: str | Path, part_names: Sequence[str]) -> P
     wins, sorted), atomically, then delete the parts."""
     save_path = Path(save_path)
     final = save_path / LOG_NAME
-    entries: dict[str, dict] = {}
-    for path in [final, *(save_path / p for p in part_names)]:
+    entries = {entry["file_name"]: entry for entry in read_generation_log(save_path)}
+    for path in (save_path / p for p in part_names):
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 if line.strip():
@@ -168,6 +168,14 @@ def merge_generation_logs(save_path: str | Path, part_names: Sequence[str]) -> P
     for part in part_names:
         (save_path / part).unlink(missing_ok=True)
     return final
+
+
+def read_generation_log(save_path: str | Path) -> list[dict]:
+    """The entries of ``<save_path>/generation_log.jsonl`` (empty when there is none)."""
+    path = Path(save_path) / LOG_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_grids(save_path: str | Path, records: Sequence[PromptRecord], by: str) -> list[Path]:

@@ -146,9 +146,30 @@ def _baseline_label(config: EvaluationConfig) -> FolderLabel:
     return config.baseline_label or FolderLabel(Path(config.baseline_folder).name)
 
 
+def label_from_generation_log(folder: Path) -> FolderLabel | None:
+    """The label that ``infer.py``'s ``generation_log.jsonl`` in ``folder`` implies: its method, its
+    model's folder name, and the safety level when every image is for one reference user."""
+    from psalign.inference.generate import read_generation_log
+
+    entries = read_generation_log(folder)
+    if not entries:
+        return None
+    methods = {e.get("method", "base") for e in entries}
+    models = {Path(str(e.get("model", ""))).name for e in entries}
+    users = {e.get("user") for e in entries}
+    level = users.pop() if len(users) == 1 and str(next(iter(users))).startswith("level_") else ""
+    return FolderLabel(
+        methods.pop() if len(methods) == 1 else "+".join(sorted(methods)),
+        models.pop() if len(models) == 1 else "",
+        level,
+    )
+
+
 def folder_labels(config: EvaluationConfig) -> list[FolderLabel]:
-    """The label of each target folder (default: the folder name as method)."""
-    return list(config.labels) or [FolderLabel(Path(folder).name) for folder in config.target_folders]
+    """The label of each target folder: ``--labels``, else what its generation log says, else the folder name."""
+    if config.labels:
+        return list(config.labels)
+    return [label_from_generation_log(Path(f)) or FolderLabel(Path(f).name) for f in config.target_folders]
 
 
 def dataset_name(config: EvaluationConfig) -> str:
