@@ -46,10 +46,11 @@ def parse_args(argv=None) -> InferenceConfig:
     psa.add_argument("--psa_path", type=Path, help="adapter folder (psalign format) or published psa_adapter.bin")
     psa.add_argument("--psa_scale", type=float, default=1.0, help="strength of the user branch (0 = base model)")
     psa.add_argument("--embeds_folder", type=Path, help="folder of <User_ID>.npy user embeddings (read and written)")
-    psa.add_argument("--llm_model", help="model that embeds profile users (causal LM, or sentence model)")
-    psa.add_argument("--user_encoder", choices=["llm", "sentence"], default="llm",
-                     help="llm: masked mean of a causal LM's last layer; sentence: mean-pooled sentence encoder "
-                          "(default model: the offline MiniLM package)")
+    psa.add_argument("--encoder", choices=["llm", "sentence"], default="llm",
+                     help="how profile users are embedded (as `python -m psalign.embed` does): llm = masked mean "
+                          "of --llm_model's last layer; sentence = mean-pooled --sentence_model")
+    psa.add_argument("--llm_model", help="causal LM (hub id or folder) for --encoder llm")
+    psa.add_argument("--sentence_model", help="sentence encoder folder (default: the offline MiniLM package)")
     gen = parser.add_argument_group("sampling")
     gen.add_argument("--batch_size", type=int, default=1, help="images per pipeline call (a batch may mix users)")
     gen.add_argument("--num_inference_steps", type=int, default=30)

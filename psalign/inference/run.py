@@ -38,7 +38,8 @@ class InferenceConfig:
     sdxl: bool = False
     embeds_folder: Path | None = None
     llm_model: str | None = None
-    user_encoder: str = "llm"
+    encoder: str = "llm"
+    sentence_model: str | None = None
     batch_size: int = 1
     device: str | None = None
     dtype: str | None = None
@@ -59,15 +60,15 @@ def method_name(config: InferenceConfig) -> str:
 
 def encoder_factory(config: InferenceConfig):
     """A function making the user encoder for profile users, or None when none was configured."""
-    if config.llm_model is None and config.user_encoder != "sentence":
+    if config.llm_model is None and config.encoder != "sentence":
         return None
 
     def make():
         from psalign.embeddings import CausalLMUserEncoder, SentenceUserEncoder
 
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if config.user_encoder == "sentence":
-            return SentenceUserEncoder(config.llm_model, device=device)
+        if config.encoder == "sentence":
+            return SentenceUserEncoder(config.sentence_model, device=device)
         return CausalLMUserEncoder(config.llm_model, device=device)
 
     return make
