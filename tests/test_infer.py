@@ -180,12 +180,16 @@ def test_profile_users_are_embedded_with_the_llm_and_cached(setup, tmp_path):
 def test_two_processes_write_the_same_files_as_one(setup, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     assert infer.main(args(setup, prompts, tmp_path / "one", "--batch_size", "2")) == 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # accelerate 1.x starts CPU worker processes for --multi_gpu with ACCELERATE_USE_CPU=1 (gloo);
+    # plain `--cpu --num_processes 2` starts a single process unless MPI is set up.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "infer.py"), *args(setup, prompts, tmp_path / "two", "--batch_size", "2")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 2  # one line per process
     one = sorted(p.relative_to(tmp_path / "one").as_posix() for p in (tmp_path / "one").rglob("*") if p.is_file())
     two = sorted(p.relative_to(tmp_path / "two").as_posix() for p in (tmp_path / "two").rglob("*") if p.is_file())
     assert one == two

@@ -1,0 +1,161 @@
+"""Seconds per PSA training step and peak memory: psalign's step vs the published structure.
+
+Both variants train the same PSA adapter (one user token) with Diffusion-DPO on the real SD1.5
+UNet architecture (random weights, nothing downloaded), with the same batch, latents and text:
+
+* ``psalign``: cached latents (no VAE in memory); the reference prediction is the same UNet
+  with the adapter switched off (``psalign.training.trainer.dpo_step_loss``, the trainer's code);
+* ``published``: the published structure: a second full UNet copy as the reference, the SD1.5
+  VAE encoding the chosen and rejected images at every step, and the published adapter processor
+  (an extra attention call over the user token in every cross-attention layer, forward and
+  backward, instead of psalign's exact one-token fast path).
+
+Each measurement runs in its own process (so peak memory is that variant's alone: peak RSS from
+``getrusage`` on CPU, ``max_memory_allocated`` on CUDA); the variants alternate
+(A B A B ...), and the table shows medians over the runs.
+
+    python bench/train_step.py                            # CPU: 16x16 latents (128 px), 1 pair
+    python bench/train_step.py --device cuda --dtype bfloat16 --latent 64 --pairs 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from adapter_overhead import SD15_UNET, USER_DIM
+
+#: The SD1.5 VAE architecture (``AutoencoderKL``, 8x downsampling, 4 latent channels).
+SD15_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+VARIANTS = ("psalign", "published")
+
+
+def measure(variant: str, args: argparse.Namespace) -> dict:
+    """Build one variant, run ``warmup`` + ``steps`` training steps; median seconds and peak memory."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from psalign.adapter import PSAAdapter
+    from psalign.loss import diffusion_dpo_loss, regression_target
+    from psalign.training.conditioning import TextConditioning, vae_latents
+    from psalign.training.trainer import dpo_step_loss
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).requires_grad_(False).eval()
+    reference_unet = copy.deepcopy(unet).to(device, dtype) if variant == "published" else None
+    unet.to(device, dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    vae = AutoencoderKL(**SD15_VAE).requires_grad_(False).eval().to(device, dtype) if variant == "published" else None
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    adapter = PSAAdapter.for_unet(unet, USER_DIM).attach(unet).to(device)
+    adapter.fast_path = variant == "psalign"
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=5e-6)
+
+    pairs, size = args.pairs, args.latent
+    pixels = torch.rand(2 * pairs, 3, 8 * size, 8 * size, device=device) * 2 - 1
+    cached_latents = torch.randn(2 * pairs, 4, size, size, device=device)
+    text = torch.randn(pairs, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    users = torch.randn(pairs, USER_DIM, device=device)
+    null_user = torch.zeros(pairs, dtype=torch.bool, device=device)
+
+    def psalign_step():
+        return dpo_step_loss(
+            unet, adapter, adapter, scheduler, cached_latents, TextConditioning(text), None, users, null_user, 5000.0
+        )
+
+    def published_step():
+        latents = vae_latents(vae, pixels).float()
+        noise = torch.randn(latents[:pairs].shape, device=device).repeat(2, 1, 1, 1)
+        timesteps = torch.randint(0, 1000, (pairs,), device=device).repeat(2)
+        noisy = scheduler.add_noise(latents, noise, timesteps).to(dtype)
+        context = text.repeat(2, 1, 1)
+        adapter.activate(adapter(users.repeat(2, 1), null_user.repeat(2)))
+        model_pred = unet(noisy, timesteps, context).sample
+        with torch.no_grad():
+            reference_pred = reference_unet(noisy, timesteps, context).sample
+        target = regression_target(scheduler, latents, noise, timesteps)
+        return diffusion_dpo_loss(model_pred.float(), reference_pred.float(), target.float(), beta=5000.0)
+
+    step = psalign_step if variant == "psalign" else published_step
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync()
+        start = time.perf_counter()
+        step().loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"variant": variant, "seconds": statistics.median(times), "peak_bytes": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latent", type=int, default=16, help="latent height/width (64 = 512 px)")
+    parser.add_argument("--pairs", type=int, default=1, help="preference pairs per step (UNet batch: 2x)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
+    parser.add_argument("--runs", type=int, default=3, help="runs (processes) per variant, alternating")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="dtype of the frozen UNet(s) and VAE (the adapter stays float32)")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute UNet activations")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(measure(args.child, args)))
+        return
+
+    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for run in range(args.runs):
+        for variant in VARIANTS:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", variant, *sys.argv[1:]],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"run {run + 1}/{args.runs} {variant}: {results[variant][-1]['seconds']:.3f} s/step", file=sys.stderr)
+
+    seconds = {v: statistics.median(r["seconds"] for r in results[v]) for v in VARIANTS}
+    peak = {v: statistics.median(r["peak_bytes"] for r in results[v]) for v in VARIANTS}
+    memory = "peak GPU memory allocated" if args.device.startswith("cuda") else "peak RSS"
+    print(f"# SD1.5 UNet architecture (random weights), latents {args.latent}x{args.latent} "
+          f"({8 * args.latent} px), {args.pairs} pair(s)/step, {args.device}, {args.dtype}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"medians of {args.runs} runs x {args.steps} steps")
+    print(f"| variant | s/step | {memory} | speed-up | memory ratio |\n|---|---:|---:|---:|---:|")
+    for v in VARIANTS:
+        print(f"| {v} | {seconds[v]:.3f} | {peak[v] / 2**30:.2f} GiB | {seconds['published'] / seconds[v]:.2f}x "
+              f"| {peak[v] / peak['published']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
