@@ -200,7 +200,9 @@ def test_bf16_frozen_models_with_fp32_adapter_weights_that_all_move_at_lr_5e_6(t
     for name in trainable:
         assert after[name].dtype == torch.float32
         moved = (after[name] != before[name]).float().mean().item()
-        assert moved > 0.99, f"{name}: only {moved:.0%} of the weights moved"
+        # An element whose gradient happens to be exactly zero in all 3 steps stays put (a small
+        # LayerNorm vector can have one); in bf16 storage most elements could not move at all.
+        assert moved > 0.9, f"{name}: only {moved:.0%} of the weights moved"
     # Stored in bf16, most of the projection weights could not have moved at this learning rate.
     weight = "user_proj.proj.weight"
     bf16_moved = (after[weight].bfloat16() != before[weight].bfloat16()).float().mean().item()

@@ -22,6 +22,8 @@ from psalign.io import InputError, InputProblem
 #: ``--model_type`` values; ``auto`` detects SDXL from the model's two text encoders.
 MODEL_TYPES = ("auto", "sd15", "sdxl")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: ``--trainable`` values: the PSA user adapter, or a PEFT LoRA on the UNet (a SafetyDPO expert).
+TRAINABLES = ("adapter", "lora")
 #: Learning-rate schedules of ``diffusers.optimization.get_scheduler`` usable from a config.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 #: Where a command-line value came from, in error messages.
@@ -64,6 +66,14 @@ class TrainingConfig:
     )
     cache_dir: str | None = _arg(None, "cache folder for --precompute (default: <output_dir>/cache)")
     # ---- adapter and objective
+    trainable: str = _arg(
+        "adapter",
+        "adapter: the PSA user adapter (needs embeds_folder); lora: a PEFT LoRA on the UNet attention projections "
+        "(a SafetyDPO expert; train_data is an expert_pairs.jsonl, see train_safetydpo.py)",
+        choices=TRAINABLES,
+    )
+    lora_rank: int = _arg(4, "LoRA rank (trainable lora)")
+    lora_alpha: float = _arg(4.0, "LoRA alpha; the update is scaled by alpha / rank (trainable lora)")
     num_user_tokens: int = _arg(1, "user tokens per user embedding (1: the exact fast path)")
     beta_dpo: float = _arg(5000.0, "Diffusion-DPO beta")
     proportion_empty_prompts: float = _arg(0.2, "fraction of pairs trained with the empty prompt (text dropout)")
@@ -111,7 +121,7 @@ class TrainingConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
 _TYPES = typing.get_type_hints(TrainingConfig)
 #: Fields with no usable default: a run needs them from the YAML file or the command line.
-REQUIRED = ("pretrained_model", "train_data", "embeds_folder", "output_dir")
+REQUIRED = ("pretrained_model", "train_data", "output_dir")
 
 
 def _base_type(name: str) -> tuple[type, bool]:
@@ -160,19 +170,25 @@ def _range_problems(config: TrainingConfig) -> list[tuple[str, str]]:
     """``(field, reason)`` for every value out of its range or missing."""
     problems = [(name, "required (in the YAML file or on the command line)") for name in REQUIRED
                 if getattr(config, name) in (None, "")]
+    if config.trainable == "adapter" and config.embeds_folder in (None, ""):
+        problems.append(("embeds_folder", "required for the PSA adapter (in the YAML file or on the command line)"))
+    if config.trainable == "lora":
+        for name in ("precompute", "validation_steps"):
+            if getattr(config, name):
+                problems.append((name, "not supported with trainable lora"))
     for name in _FIELDS:
         choices = _FIELDS[name].metadata.get("choices")
         if choices and getattr(config, name) not in choices:
             problems.append((name, f"{getattr(config, name)!r} is not one of {', '.join(choices)}"))
     positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                "checkpointing_steps", "num_user_tokens", "validation_num_inference_steps")
+                "checkpointing_steps", "num_user_tokens", "validation_num_inference_steps", "lora_rank")
     for name in positive:
         if getattr(config, name) < 1:
             problems.append((name, f"must be >= 1, got {getattr(config, name)}"))
     for name in ("lr_warmup_steps", "validation_steps", "dataloader_num_workers"):
         if getattr(config, name) < 0:
             problems.append((name, f"must be >= 0, got {getattr(config, name)}"))
-    for name in ("learning_rate", "beta_dpo", "max_grad_norm"):
+    for name in ("learning_rate", "beta_dpo", "max_grad_norm", "lora_alpha"):
         if not getattr(config, name) > 0:
             problems.append((name, f"must be > 0, got {getattr(config, name)}"))
     for name in ("proportion_empty_prompts", "user_dropout"):

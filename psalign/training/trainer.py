@@ -14,6 +14,11 @@ One optimizer step, per process and micro-batch of B pairs:
 
 The frozen UNet, VAE and text encoders run in the ``mixed_precision`` dtype; the adapter's
 weights stay fp32 whatever it is.
+
+With ``trainable: lora`` the same loop trains a SafetyDPO safety expert instead: a PEFT LoRA on
+the UNet (:class:`psalign.training.lora.UNetLoRA`, the reference being the UNet with the LoRA
+off) on expert pairs (:class:`psalign.safetydpo.data.ExpertPairDataset`); there is no user, so
+no user dropout, and the result is a diffusers LoRA (``pytorch_lora_weights.safetensors``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from accelerate.tracking import GeneralTracker
 
 from psalign.adapter import PSAAdapter
 from psalign.embeddings import load_embedding_stats, load_user_embedding
-from psalign.io import InputError, InputProblem
+from psalign.io import InputError, InputProblem, atomic_write
 from psalign.loss import DPOLossOutput, diffusion_dpo_loss, regression_target
 
 from . import checkpoints
@@ -86,8 +91,8 @@ class TrainingInputs:
     metadata: Path
     model_type: str
     pairs: torch.utils.data.Dataset
-    embed_mean: np.ndarray
-    embed_std: np.ndarray
+    embed_mean: np.ndarray | None  # None for a LoRA (no user embeddings)
+    embed_std: np.ndarray | None
     validation_users: list[str]
     validation_embeds: torch.Tensor
     resume: Path | None
@@ -112,8 +117,14 @@ def check_inputs(config: TrainingConfig) -> TrainingInputs:
         problems.append(InputProblem(where, 0, reason, field))
 
     metadata = image_root = model_type = resume = None
+    lora = config.trainable == "lora"
     try:
-        metadata, image_root = resolve_train_data(config.train_data)
+        if lora:
+            metadata = Path(config.train_data)
+            if not metadata.is_file():
+                raise FileNotFoundError(f"{metadata} not found: --train_data must be an expert_pairs.jsonl for a LoRA")
+        else:
+            metadata, image_root = resolve_train_data(config.train_data)
     except FileNotFoundError as err:
         problem(str(config.train_data), str(err), "train_data")
     try:
@@ -121,9 +132,9 @@ def check_inputs(config: TrainingConfig) -> TrainingInputs:
     except (OSError, ValueError) as err:
         problem(str(config.pretrained_model), f"not a usable diffusers pipeline: {err}", "pretrained_model")
     stats = None
-    if not Path(config.embeds_folder).is_dir():
+    if not lora and not Path(config.embeds_folder).is_dir():
         problem(str(config.embeds_folder), "embeddings folder not found", "embeds_folder")
-    else:
+    elif not lora:
         try:
             stats = load_embedding_stats(config.embeds_folder)
         except (OSError, ValueError) as err:
@@ -141,6 +152,13 @@ def check_inputs(config: TrainingConfig) -> TrainingInputs:
     if problems:
         raise InputError(problems, header=f"{len(problems)} problem(s) with the training inputs")
 
+    if lora:
+        from psalign.safetydpo.data import ExpertPairDataset
+
+        pairs = ExpertPairDataset(
+            metadata, resolution=config.resolution, random_crop=config.random_crop, random_flip=config.random_flip
+        )
+        return TrainingInputs(metadata, model_type, pairs, None, None, [], torch.empty(0), resume, trackers)
     pairs = PreferencePairDataset(
         metadata,
         image_root,
@@ -203,18 +221,19 @@ def dpo_step_loss(
     latents: torch.Tensor,
     text: TextConditioning,
     time_ids: torch.Tensor | None,
-    user_embeds: torch.Tensor,
-    null_user: torch.Tensor,
+    user_embeds: torch.Tensor | None,
+    null_user: torch.Tensor | None,
     beta: float,
 ) -> DPOLossOutput:
     """Diffusion-DPO loss of one micro-batch of B pairs.
 
     ``latents`` (2B, C, h, w) are ``[chosen; rejected]``; ``text`` (B rows, after dropout),
-    ``time_ids`` (B, 6) or None, ``user_embeds`` (B, D) and ``null_user`` (B,) are per pair.
+    ``time_ids`` (B, 6) or None, ``user_embeds`` (B, D) and ``null_user`` (B,) are per pair (both
+    None for trainable weights without a user, such as :class:`~psalign.training.lora.UNetLoRA`).
     ``adapter_module`` is the (possibly DDP-wrapped) ``adapter``: calling it keeps gradients in sync.
     Noise and timesteps come from the global RNG, one per pair, shared by chosen and rejected.
     """
-    pairs = user_embeds.shape[0]
+    pairs = latents.shape[0] // 2
     latents = latents.float().contiguous()
     noise = torch.randn(latents[:pairs].shape, device=latents.device).repeat(2, 1, 1, 1)
     timesteps = torch.randint(
@@ -226,7 +245,8 @@ def dpo_step_loss(
     )
     # The conditioning stays active after this call: gradient checkpointing recomputes the
     # adapted forward pass during the backward pass.
-    adapter.activate(adapter_module(user_embeds.repeat(2, 1), null_user.repeat(2)))
+    users = () if user_embeds is None else (user_embeds.repeat(2, 1), null_user.repeat(2))
+    adapter.activate(adapter_module(*users))
     model_pred = unet(noisy, timesteps, **kwargs).sample
     with adapter.disabled(), torch.no_grad():
         reference_pred = unet(noisy, timesteps, **kwargs).sample
@@ -320,6 +340,13 @@ class PSATrainer:
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.noise_scheduler = DDPMScheduler.from_pretrained(config.pretrained_model, subfolder="scheduler")
+        if config.trainable == "lora":
+            from .lora import UNetLoRA
+
+            self.adapter = UNetLoRA(self.unet, config.lora_rank, config.lora_alpha)
+            if not config.precompute:
+                self._load_frozen_encoders()
+            return
         dim = self.inputs.embed_mean.shape[0]
         self.adapter = build_adapter(self.unet, dim, config)
         self.adapter.set_embedding_stats(
@@ -388,7 +415,8 @@ class PSATrainer:
         time_ids = None
         if self.is_sdxl:
             time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], self.config.resolution).to(device)
-        return latents, text, time_ids, batch["user_embed"].to(device, torch.float32)
+        user_embeds = batch["user_embed"].to(device, torch.float32) if "user_embed" in batch else None
+        return latents, text, time_ids, user_embeds
 
     def _empty_text(self) -> TextConditioning:
         return self.cached_empty if self.config.precompute else self.text_encoders.empty()
@@ -396,9 +424,9 @@ class PSATrainer:
     def _micro_step(self, batch: dict) -> DPOLossOutput:
         config, device = self.config, self.accelerator.device
         latents, text, time_ids, user_embeds = self._batch_inputs(batch)
-        pairs = user_embeds.shape[0]
+        pairs = latents.shape[0] // 2
         drop_text = torch.rand(pairs, device=device) < config.proportion_empty_prompts
-        null_user = torch.rand(pairs, device=device) < config.user_dropout
+        null_user = None if user_embeds is None else torch.rand(pairs, device=device) < config.user_dropout
         text = text.where(drop_text, self._empty_text())
         return dpo_step_loss(
             self.unet, self.adapter_module, self.adapter, self.noise_scheduler, latents, text, time_ids,
@@ -480,7 +508,9 @@ class PSATrainer:
         accelerator.wait_for_everyone()
         # The full weights, gathered from every process when a plugin (FSDP, ZeRO-3) shards them.
         state = accelerator.get_state_dict(self.adapter_module)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and self.config.trainable == "lora":
+            self._save_lora(state)
+        elif accelerator.is_main_process:
             final = PSAAdapter(self.adapter.config)
             final.load_state_dict(state)
             final.save_pretrained(
@@ -494,6 +524,20 @@ class PSATrainer:
             accelerator.print(f"PSA adapter written to {self.output_dir}")
         accelerator.end_training()
         return self.output_dir
+
+    def _save_lora(self, state: dict[str, torch.Tensor]) -> None:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        pipeline_class = StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
+        path = self.adapter.save_pretrained(self.output_dir, pipeline_class, state)
+        info = {
+            "training_args": self.config.to_dict(),
+            "global_step": self.progress.global_step,
+            "model_type": self.inputs.model_type,
+        }
+        with atomic_write(self.output_dir / "training_info.json") as handle:
+            json.dump(info, handle, indent=2)
+        self.accelerator.print(f"LoRA expert written to {path}")
 
     def _stop_non_finite(self, value: float, micro: int) -> None:
         step = self.progress.global_step + 1

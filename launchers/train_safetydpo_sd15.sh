@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# SafetyDPO on SD1.5: one LoRA safety expert per category (train_safetydpo.py, the PSA training loop
+# with --trainable lora), then one Co-Merge of all experts into a single LoRA (psalign.safetydpo.merge_experts).
+# The training numbers are starting points, not a published recipe (SafetyDPO released none).
+# Rerunning resumes each expert from its newest checkpoint. Environment overrides:
+#   NUM_GPUS (1), COPROV2 (CoProV2 CSV), IMAGE_ROOT (its images; default: the CSV's folder), OUTPUT,
+#   CATEGORIES (space-separated), MODEL, RANK (expert LoRA rank, 4), ALPHA (4), STEPS, BATCH, ACCUM, LR,
+#   MIXED_PRECISION (bf16), MERGE_METHOD (co_merge), MERGE_RANK (merged LoRA rank, 8).
+# Extra arguments go to every train_safetydpo.py call, e.g. --sage data/sage/metadata.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NUM_GPUS="${NUM_GPUS:-1}"
+MODEL="${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}"
+COPROV2="${COPROV2:-data/coprov2/train.csv}"
+OUTPUT="${OUTPUT:-outputs/safetydpo_sd15}"
+CATEGORIES="${CATEGORIES:-Hate Harassment Violence Self-Harm Sexuality Shocking Propaganda}"
+RESOLUTION="${RESOLUTION:-512}"
+
+experts=()
+for category in $CATEGORIES; do
+    expert="$OUTPUT/experts/$category"
+    # shellcheck disable=SC2086  # ACCELERATE_ARGS holds several arguments
+    accelerate launch ${ACCELERATE_ARGS:-} --num_processes "$NUM_GPUS" train_safetydpo.py \
+        --category "$category" --coprov2 "$COPROV2" ${IMAGE_ROOT:+--image_root "$IMAGE_ROOT"} \
+        --pretrained_model "$MODEL" --output_dir "$expert" --resolution "$RESOLUTION" \
+        --lora_rank "${RANK:-4}" --lora_alpha "${ALPHA:-4}" --max_train_steps "${STEPS:-2000}" \
+        --train_batch_size "${BATCH:-4}" --gradient_accumulation_steps "${ACCUM:-4}" --learning_rate "${LR:-1e-5}" \
+        --lr_scheduler constant_with_warmup --lr_warmup_steps 100 --beta_dpo 5000 \
+        --mixed_precision "${MIXED_PRECISION:-bf16}" --checkpointing_steps 500 \
+        --resume_from_checkpoint latest "$@"
+    experts+=("$expert")
+done
+
+python -m psalign.safetydpo.merge_experts --experts "${experts[@]}" --categories $CATEGORIES \
+    --pretrained_model "$MODEL" --method "${MERGE_METHOD:-co_merge}" --rank "${MERGE_RANK:-8}" \
+    --resolution "$RESOLUTION" --output "$OUTPUT/merged"
