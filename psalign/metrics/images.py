@@ -6,7 +6,6 @@ files and the like beside the images never enter a metric's denominator.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -74,12 +73,3 @@ def batched(items: Sequence, batch_size: int) -> Iterator[Sequence]:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, len(items), batch_size):
         yield items[start : start + batch_size]
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (the content key of caches)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

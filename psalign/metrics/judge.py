@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 from tqdm.auto import tqdm
 
 from psalign.io import InputError, InputProblem, atomic_write
-from psalign.metrics.images import file_sha256
+from psalign.io import file_sha256
 from psalign.metrics.stats import Proportion
 
 #: Environment variables read when the corresponding option is not given.

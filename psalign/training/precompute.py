@@ -15,7 +15,6 @@ so an interrupted precompute resumes. Each pair keeps the crop/flip it was drawn
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from psalign.io import atomic_path, atomic_write
+from psalign.io import atomic_path, atomic_write, file_sha256
 
 from .conditioning import FrozenTextEncoders, TextConditioning, vae_latents
 from .data import SeededPairs, collate_pairs
@@ -36,13 +35,6 @@ EMPTY_FILE = "empty.safetensors"
 PAIRS_PER_FILE = 32
 CACHE_FORMAT_VERSION = 1
 
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_files(cache_dir: str | Path, num_pairs: int) -> list[Path]:
