@@ -1,0 +1,27 @@
+"""``python -m psalign.toy build [--out DIR] [--work DIR]``: rebuild the bundled toy model (see :mod:`psalign.toy.build`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .build import add_build_arguments, build, config_from_args
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m psalign.toy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build_parser = commands.add_parser(
+        "build", help="run the build stages (resumable: finished stages are skipped)",
+        description=__import__("psalign.toy.build", fromlist=["__doc__"]).__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_build_arguments(build_parser)
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        records = build(config_from_args(args), until=args.until)
+        total = sum(record["seconds"] for record in records.values())
+        print(f"build finished: {len(records)} stage(s), {total:.0f} s of stage time in all")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The bundled toy assets: where they live, how to find them, and how the build writes them.
+
+Layout of the bundle (``psalign/assets/toy/`` in the package)::
+
+    model/              StableDiffusionPipeline folder (save_pretrained): tokenizer, text_encoder,
+                        vae, unet, scheduler (DDIM)
+    adapter/            PSA adapter (psa_config.json, psa_adapter.safetensors)
+    embeds/             <User_ID>.npy user embeddings (training, held-out and reference users)
+                        and embedding_stats.npz (training users)
+    users_train.csv     the users the adapter was trained on
+    users_heldout.csv   users it never saw
+    build_info.json     build settings and each stage's seconds and measurements
+    MODEL_CARD.md       how the build made all of this
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .build import BuildConfig
+
+#: Where the package keeps the bundle.
+BUNDLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
+#: Largest bundle the build accepts, in bytes.
+MAX_BUNDLE_BYTES = 25 * 1024 * 1024
+ADAPTER_FILES = ("psa_config.json", "psa_adapter.safetensors")
+
+
+@dataclass(frozen=True)
+class ToyBundle:
+    """Paths inside a toy bundle folder."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def embeds(self) -> Path:
+        return self.root / "embeds"
+
+    @property
+    def users_train(self) -> Path:
+        return self.root / "users_train.csv"
+
+    @property
+    def users_heldout(self) -> Path:
+        return self.root / "users_heldout.csv"
+
+    @property
+    def build_info(self) -> Path:
+        return self.root / "build_info.json"
+
+    def missing(self) -> list[Path]:
+        """The bundle's required files that are not there."""
+        required = [self.model / "model_index.json", *(self.adapter / f for f in ADAPTER_FILES), self.embeds,
+                    self.users_train, self.users_heldout]
+        return [p for p in required if not p.exists()]
+
+
+def bundled_paths(root: str | Path | None = None) -> ToyBundle:
+    """The bundle at ``root`` (default: the package's); ``FileNotFoundError`` naming what is
+    missing and how to make it."""
+    bundle = ToyBundle(Path(root) if root is not None else BUNDLE_DIR)
+    missing = bundle.missing()
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3])
+        raise FileNotFoundError(f"the toy bundle in {bundle.root} is incomplete (missing {shown}); "
+                                "rebuild it with `python -m psalign.toy build`")
+    return bundle
+
+
+def bundled_model_path() -> Path:
+    """The bundled toy ``StableDiffusionPipeline`` folder (the default ``--sd_model``)."""
+    return bundled_paths().model
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def write_bundle(config: "BuildConfig", stages: dict[str, dict]) -> dict:
+    """Copy the build's products into ``config.out`` (written beside it, then swapped in) with
+    ``build_info.json`` and ``MODEL_CARD.md``; returns the bundle's size."""
+    from .build import stage_dir
+
+    work, out = Path(config.work), Path(config.out)
+    staging = out.with_name(out.name + ".new")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(work / "model", staging / "model")
+    run = stage_dir(config, "psa") / "run"
+    (staging / "adapter").mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        shutil.copy2(run / name, staging / "adapter" / name)
+    shutil.copytree(stage_dir(config, "embeds") / "embeds", staging / "embeds")
+    for name in ("users_train.csv", "users_heldout.csv"):
+        shutil.copy2(stage_dir(config, "sage") / name, staging / name)
+    summary = {stage: {k: v for k, v in record.items() if k != "log"} for stage, record in stages.items()}
+    info = {"build_config": config.to_dict(), "stages": summary}
+    (staging / "build_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (staging / "MODEL_CARD.md").write_text(model_card(info), encoding="utf-8")
+    size = folder_bytes(staging)
+    if size > MAX_BUNDLE_BYTES:
+        raise RuntimeError(f"the bundle is {size / 2**20:.1f} MiB, over the {MAX_BUNDLE_BYTES / 2**20:.0f} MiB limit")
+    previous = out.with_name(out.name + ".old")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if out.exists():
+        out.rename(previous)
+    staging.rename(out)
+    if previous.exists():
+        shutil.rmtree(previous)
+    return {"bundle": str(out), "bytes": size}
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def model_card(info: dict) -> str:
+    """The bundle's MODEL_CARD.md, filled from the build's settings and stage records."""
+    config, stages = info["build_config"], info["stages"]
+    base = stages["base"]["prompt_following"]
+    vae = stages["vae"]["reconstruction"]
+    sage = stages["sage"]
+    seconds = {stage: record["seconds"] for stage, record in stages.items()}
+    psa = stages["psa"].get("final_metrics", {})
+    return f"""# psalign toy model
+
+A miniature of personalized safety alignment that runs offline on a CPU. Everything here was made
+by `python -m psalign.toy build` (seed {config['seed']}, {config['threads']} CPU thread(s)); nothing
+was downloaded except what the offline sentence-encoder package ships.
+
+## The world
+
+32x32 px images: one object (4 colours x 3 shapes) on a grey background; when the caption names
+a concept of a safety category, that category's marker (its own colour and glyph, top-right
+corner) is drawn. 3 concept phrases per category; the third is held out of the PSA data.
+`psalign.toy.detect` reads object and markers back (the toy InPro classifier and judge).
+
+## What is in this folder
+
+- `model/`: a `StableDiffusionPipeline` in SD1.5's architecture at toy size (CLIP tokenizer over
+  the toy vocabulary, 2-layer CLIP text encoder, `AutoencoderKL` 32x32 px <-> 4x8x8, cross-attention
+  UNet), trained from scratch on renders. VAE: {config['vae_steps']} steps on {config['vae_images']} renders
+  (detector agreement on reconstructions: objects {_percent(vae['object_right'])}, markers
+  {_percent(vae['markers_right'])}). UNet + text encoder: {config['base_steps']} steps of batch
+  {config['base_batch']} on {config['base_images']} renders, EMA weights, 10% empty captions.
+  Prompt following ({config['sample_steps']} DDIM steps, guidance {config['guidance_scale']}): marker present for
+  {_percent(base['marker_present_unsafe'])} of unsafe prompts, absent for {_percent(base['marker_absent_safe'])} of
+  safe prompts, object right for {_percent(base['object_right'])}.
+- `adapter/`: the PSA user adapter, trained with `train_psa.py` and `{Path(config['psa_config']).name}` on toy Sage
+  pairs: {sage['train_users']} users from the Sage-data generator (rule-engine bans), one unit per
+  (category, seen concept) each, {sage['records']} records; images drawn by the base model itself
+  ({sage['pool_units_kept']} of {sage['pool_units']} image pairs kept by the detector). Last logged
+  training metrics: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in psa.items()})}.
+- `embeds/`: 384-d all-MiniLM-L6-v2 embeddings of each user's profile text (which lists banned
+  and allowed categories): training users, {sage['heldout_users']} held-out users and the reference users
+  `level_0` ... `level_5`; `embedding_stats.npz` over the training users.
+- `users_train.csv`, `users_heldout.csv`: the users; `build_info.json`: every setting and measurement.
+
+Build time per stage (seconds): {json.dumps(seconds)}.
+
+## Limits
+
+A toy: it shows that the method learns per-user safety, not how well it does on real images.
+Run `python bench/toy_benchmark.py` for pass rates, InPro by safety level and object fidelity.
+"""

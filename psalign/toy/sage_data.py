@@ -1,0 +1,170 @@
+"""Toy Sage: users, base-model images checked by the detector, and Sage preference pairs.
+
+* **Users** come from the Sage-data generator (:func:`psalign.users.generate_users`, rule-engine
+  bans): ``users_train.csv`` and ``users_heldout.csv`` (held-out ids follow the training ids).
+* **Image pool**: for every seen concept, every object and ``pool_seeds`` seeds, the base model
+  draws the unsafe caption (``"a blue square with a fierce clash"``, the ``_u`` image) and its
+  safe rewrite (``"a blue square"``, ``_s``) from the same initial noise, so the two differ mostly
+  where the marker is. A pool unit is kept only when the detector agrees with both prompts (the
+  unsafe image shows the object and exactly its category's marker, the safe one the object and
+  no marker), as Sage keeps only images that match their prompt.
+* **Units**: each training user gets one unit per (category, seen concept), drawn from the kept
+  pool units of that concept (images are shared between users; who prefers which image is the
+  user's business). :func:`psalign.sage.build_preference_pairs` turns units into records with the
+  Sage rule; ``metadata.jsonl`` sits beside ``pool/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from psalign.io import atomic_path
+from psalign.sage import SageUnit, build_preference_pairs, write_preference_pairs
+from psalign.users import UserProfile, format_user_id, generate_users, write_users
+
+from .benchmark import sample
+from .detect import detect
+from .model import load_pipeline
+from .world import CATEGORIES, OBJECTS, ToyObject, seen_concepts
+
+POOL_DIR = "pool"
+METADATA = "metadata.jsonl"
+JPEG_QUALITY = 95
+
+
+def toy_users(train: int, heldout: int, seed: int) -> tuple[list[UserProfile], list[UserProfile]]:
+    """``train`` generated users (ids 1..train) and ``heldout`` more from another seed (ids train+1..)."""
+    train_users = generate_users(train, seed=seed)
+    heldout_users = [
+        dataclasses.replace(u, user_id=format_user_id(train + i + 1))
+        for i, u in enumerate(generate_users(heldout, seed=seed + 1))
+    ]
+    return train_users, heldout_users
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolUnit:
+    """One (concept, object, repeat) of the pool: two images drawn from one seed."""
+
+    category: str
+    concept: str
+    object: ToyObject
+    repeat: int
+
+    @property
+    def stem(self) -> str:
+        concept = self.concept.replace(" ", "_")
+        return f"{concept}_{self.object.colour}_{self.object.shape}_{self.repeat:02d}"
+
+    def image(self, variant: str) -> str:
+        """Path relative to the data folder: ``pool/<stem>_s.jpg`` or ``_u.jpg``."""
+        return f"{POOL_DIR}/{self.stem}_{variant}.jpg"
+
+    def seed(self, seed: int) -> int:
+        digest = hashlib.sha256(f"{seed}:{self.stem}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def pool_units(pool_seeds: int) -> list[PoolUnit]:
+    return [
+        PoolUnit(category, concept, obj, repeat)
+        for category in CATEGORIES
+        for concept in seen_concepts(category)
+        for obj in OBJECTS
+        for repeat in range(pool_seeds)
+    ]
+
+
+def generate_pool(pipe, units: list[PoolUnit], folder: Path, seed: int, steps: int, guidance_scale: float,
+                  batch_size: int) -> None:
+    """Draw the missing images of ``units`` (both variants of a unit in the same batch, same seed)."""
+    from tqdm.auto import tqdm
+
+    todo = [u for u in units if not all((folder / u.image(v)).is_file() for v in "su")]
+    per_batch = max(batch_size // 2, 1)
+    for start in tqdm(range(0, len(todo), per_batch), desc="toy Sage images", unit="batch"):
+        batch = todo[start : start + per_batch]
+        captions = [u.object.caption(u.concept) for u in batch] + [u.object.caption() for u in batch]
+        seeds = [u.seed(seed) for u in batch] * 2
+        images = sample(pipe, captions, seeds, steps, guidance_scale, batch_size=len(captions))
+        for unit, unsafe, safe in zip(batch, images[: len(batch)], images[len(batch) :]):
+            for variant, image in (("u", unsafe), ("s", safe)):
+                target = folder / unit.image(variant)
+                with atomic_path(target, suffix=".jpg") as tmp:
+                    image.save(tmp, quality=JPEG_QUALITY, subsampling=0)
+
+
+def unit_agrees(folder: Path, unit: PoolUnit) -> bool:
+    """Whether the detector agrees with both prompts of ``unit``."""
+    from PIL import Image
+
+    with Image.open(folder / unit.image("u")) as unsafe, Image.open(folder / unit.image("s")) as safe:
+        found_u, found_s = detect(unsafe), detect(safe)
+    return (
+        found_u.shows(unit.object)
+        and found_u.markers == (unit.category,)
+        and found_s.shows(unit.object)
+        and found_s.markers == ()
+    )
+
+
+def build_toy_sage(
+    model_dir: Path,
+    folder: Path,
+    train_users: int,
+    heldout_users: int,
+    pool_seeds: int,
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    batch_size: int,
+) -> dict:
+    """Write users, the image pool and ``metadata.jsonl`` into ``folder``; returns counts."""
+    folder = Path(folder)
+    train, heldout = toy_users(train_users, heldout_users, seed)
+    write_users(folder / "users_train.csv", train)
+    write_users(folder / "users_heldout.csv", heldout)
+    units = pool_units(pool_seeds)
+    generate_pool(load_pipeline(model_dir), units, folder, seed, steps, guidance_scale, batch_size)
+    kept: dict[str, list[PoolUnit]] = {}
+    for unit in units:
+        if unit_agrees(folder, unit):
+            kept.setdefault(unit.concept, []).append(unit)
+    missing = [c for cat in CATEGORIES for c in seen_concepts(cat) if not kept.get(c)]
+    if missing:
+        raise RuntimeError(f"the base model drew no usable image pair for the concepts {missing}")
+    rng = np.random.default_rng(seed)
+    sage_units = []
+    for user in train:
+        for category in CATEGORIES:
+            for concept in seen_concepts(category):
+                chosen = kept[concept][rng.integers(len(kept[concept]))]
+                sage_units.append(
+                    SageUnit(
+                        user_id=user.user_id,
+                        category=category,
+                        concept=concept,
+                        index=0,
+                        safe_caption=chosen.object.caption(),
+                        unsafe_caption=chosen.object.caption(concept),
+                        safe_image=chosen.image("s"),
+                        unsafe_image=chosen.image("u"),
+                    )
+                )
+    records = build_preference_pairs(sage_units, train)
+    write_preference_pairs(folder / METADATA, records)
+    kept_by_category = Counter(u.category for units_ in kept.values() for u in units_)
+    per_category = len(units) // len(CATEGORIES)
+    return {
+        "pool_units": len(units),
+        "pool_units_kept": sum(kept_by_category.values()),
+        "kept_share_by_category": {c: kept_by_category[c] / per_category for c in CATEGORIES},
+        "train_users": len(train),
+        "heldout_users": len(heldout),
+        "records": len(records),
+    }
