@@ -161,8 +161,9 @@ corner) is drawn. 3 concept phrases per category; the third is held out of the P
   {_percent(base['marker_present_unsafe'])} of unsafe prompts, absent for {_percent(base['marker_absent_safe'])} of
   safe prompts, object right for {_percent(base['object_right'])}.
 - `adapter/`: the PSA user adapter, trained with `train_psa.py` and `{Path(config['psa_config']).name}` on toy Sage
-  pairs: {sage['train_users']} users from the Sage-data generator (rule-engine bans), one unit per
-  (category, seen concept) each, {sage['records']} records; images drawn by the base model itself
+  pairs: {sage['train_users']} users from the Sage-data generator (rule-engine bans, except
+  {config['random_ban_share']:.0%} of the users who ban a random subset instead, so that every category can be
+  told apart), one unit per (category, seen concept) each, {sage['records']} records; images drawn by the base model itself
   ({sage['pool_units_kept']} of {sage['pool_units']} image pairs kept by the detector). Last logged
   training metrics: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in psa.items()})}.
 - `embeds/`: 384-d all-MiniLM-L6-v2 embeddings of each user's profile text (which lists banned

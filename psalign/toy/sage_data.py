@@ -1,7 +1,8 @@
 """Toy Sage: users, base-model images checked by the detector, and Sage preference pairs.
 
 * **Users** come from the Sage-data generator (:func:`psalign.users.generate_users`, rule-engine
-  bans): ``users_train.csv`` and ``users_heldout.csv`` (held-out ids follow the training ids).
+  bans), a share of them with random bans instead (:func:`toy_users` says why):
+  ``users_train.csv`` and ``users_heldout.csv`` (held-out ids follow the training ids).
 * **Image pool**: for every seen concept, every object and ``pool_seeds`` seeds, the base model
   draws the unsafe caption (``"a blue square with a fierce clash"``, the ``_u`` image) and its
   safe rewrite (``"a blue square"``, ``_s``) from the same initial noise, so the two differ mostly
@@ -37,13 +38,35 @@ METADATA = "metadata.jsonl"
 JPEG_QUALITY = 95
 
 
-def toy_users(train: int, heldout: int, seed: int) -> tuple[list[UserProfile], list[UserProfile]]:
-    """``train`` generated users (ids 1..train) and ``heldout`` more from another seed (ids train+1..)."""
-    train_users = generate_users(train, seed=seed)
-    heldout_users = [
+def toy_users(
+    train: int, heldout: int, seed: int, random_ban_share: float
+) -> tuple[list[UserProfile], list[UserProfile]]:
+    """``train`` generated users (ids 1..train) and ``heldout`` more from another seed (ids train+1..).
+
+    Bans come from the rule engine, except for a ``random_ban_share`` of the users (drawn with
+    the seed), whose banned categories are a uniformly random subset of the seven instead: the
+    rules only ever ban three fixed groups (Violence, Self-Harm and Sexuality always together),
+    and always from the profile's attributes, so a model trained on rule-engine users alone can
+    neither tell those categories apart nor learn to read the category lists of users whose
+    attributes say otherwise (the reference users ``level_1`` ... ``level_4`` are such users).
+    """
+    if not 0.0 <= random_ban_share <= 1.0:
+        raise ValueError(f"random_ban_share must be in [0, 1], got {random_ban_share}")
+    rng = np.random.default_rng([seed, 2])
+
+    def redraw(users: list[UserProfile]) -> list[UserProfile]:
+        out = []
+        for user in users:
+            if rng.random() < random_ban_share:
+                user = user.with_banned([c for c in CATEGORIES if rng.random() < 0.5])
+            out.append(user)
+        return out
+
+    train_users = redraw(generate_users(train, seed=seed))
+    heldout_users = redraw([
         dataclasses.replace(u, user_id=format_user_id(train + i + 1))
         for i, u in enumerate(generate_users(heldout, seed=seed + 1))
-    ]
+    ])
     return train_users, heldout_users
 
 
@@ -118,6 +141,7 @@ def build_toy_sage(
     folder: Path,
     train_users: int,
     heldout_users: int,
+    random_ban_share: float,
     pool_seeds: int,
     seed: int,
     steps: int,
@@ -126,7 +150,7 @@ def build_toy_sage(
 ) -> dict:
     """Write users, the image pool and ``metadata.jsonl`` into ``folder``; returns counts."""
     folder = Path(folder)
-    train, heldout = toy_users(train_users, heldout_users, seed)
+    train, heldout = toy_users(train_users, heldout_users, seed, random_ban_share)
     write_users(folder / "users_train.csv", train)
     write_users(folder / "users_heldout.csv", heldout)
     units = pool_units(pool_seeds)

@@ -1,0 +1,109 @@
+"""Pieces of the toy build: resumable training loops, the toy population, the detector filter of
+toy Sage units, and the bundle lookup."""
+
+import pytest
+import torch
+
+from psalign.categories import CATEGORIES
+from psalign.toy import build as toy_build
+from psalign.toy.render import render
+from psalign.toy.sage_data import POOL_DIR, PoolUnit, pool_units, toy_users, unit_agrees
+from psalign.toy.world import OBJECTS, ToyObject, seen_concepts
+
+
+def _run(tmp_path, steps, fail_at=None):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    data = torch.randn(16, 3)
+
+    def loss_fn(step):
+        if step == fail_at:
+            raise KeyboardInterrupt
+        rng = toy_build._step_rng(0, 9, step)
+        batch = data[torch.from_numpy(rng.integers(16, size=4))]
+        return model(batch).pow(2).mean()
+
+    log, earlier = toy_build._train("t", {"m": model}, optimizer, loss_fn, steps, tmp_path / "ck.pt", every=2,
+                                    schedule=lambda step: toy_build._lr_factor(step, 2, steps))
+    return model, log, earlier
+
+
+def test_training_loop_resumes_exactly_where_it_stopped(tmp_path):
+    straight, straight_log, _ = _run(tmp_path / "a", steps=6)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", steps=6, fail_at=5)  # checkpoint at step 4, then killed
+    resumed, resumed_log, earlier = _run(tmp_path / "b", steps=6)
+    assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
+    assert earlier > 0  # the interrupted process's time is carried over
+    assert [e["step"] for e in resumed_log] == [e["step"] for e in straight_log] == [6]
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
+    factors = [toy_build._lr_factor(step, warmup=10, total=100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_toy_users_have_rule_and_random_bans_and_distinct_ids():
+    train, heldout = toy_users(200, 40, seed=3, random_ban_share=0.5)
+    ids = [u.user_id for u in train + heldout]
+    assert len(set(ids)) == 240 and heldout[0].user_id == "0000201"
+    rule_sets = {(), ("Hate", "Propaganda"), ("Harassment", "Shocking"), ("Violence", "Self-Harm", "Sexuality")}
+
+    def rule_made(banned):  # a union of the rule engine's three groups
+        return any(set(banned) == set().union(*combo) for k in range(4) for combo in _combinations(rule_sets, k))
+
+    off_rule = sum(not rule_made(u.banned_categories) for u in train)
+    assert 0.25 * len(train) < off_rule < 0.6 * len(train)
+    assert toy_users(200, 40, seed=3, random_ban_share=0.5) == (train, heldout)  # seeded
+    only_rules, _ = toy_users(200, 0, seed=3, random_ban_share=0.0)
+    assert all(rule_made(u.banned_categories) for u in only_rules)
+    for user in train:
+        assert set(user.banned_categories) | set(user.allowed_categories) == set(CATEGORIES)
+
+
+def _combinations(items, k):
+    import itertools
+
+    return itertools.combinations(sorted(items), k)
+
+
+def test_pool_covers_seen_concepts_only():
+    units = pool_units(pool_seeds=2)
+    assert len(units) == len(CATEGORIES) * 2 * len(OBJECTS) * 2
+    assert {u.concept for u in units} == {c for cat in CATEGORIES for c in seen_concepts(cat)}
+    assert len({u.seed(0) for u in units}) == len(units)
+
+
+@pytest.mark.parametrize(
+    "unsafe_marker, safe_marker, unsafe_object, agrees",
+    [
+        ("Violence", None, ToyObject("red", "square"), True),
+        (None, None, ToyObject("red", "square"), False),  # the unsafe image lacks the marker
+        ("Violence", "Violence", ToyObject("red", "square"), False),  # the safe image has it
+        ("Hate", None, ToyObject("red", "square"), False),  # the wrong category's marker
+        ("Violence", None, ToyObject("red", "circle"), False),  # the wrong object
+    ],
+)
+def test_sage_units_are_kept_only_when_the_detector_agrees(tmp_path, unsafe_marker, safe_marker, unsafe_object, agrees):
+    unit = PoolUnit("Violence", "a fierce clash", ToyObject("red", "square"), 0)
+    (tmp_path / POOL_DIR).mkdir()
+    render(unsafe_object, unsafe_marker).save(tmp_path / unit.image("u"), quality=95, subsampling=0)
+    render(unit.object, safe_marker).save(tmp_path / unit.image("s"), quality=95, subsampling=0)
+    assert unit_agrees(tmp_path, unit) is agrees
+
+
+def test_bundled_paths_name_what_is_missing(tmp_path):
+    from psalign.toy.bundle import bundled_paths
+
+    (tmp_path / "model").mkdir()
+    with pytest.raises(FileNotFoundError, match="python -m psalign.toy build"):
+        bundled_paths(tmp_path)
+
+
+def test_build_rejects_an_unknown_stage(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage"):
+        toy_build.build(toy_build.BuildConfig(work=tmp_path), until="nope")
+    assert list(tmp_path.iterdir()) == []
