@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # SafetyDPO on SD1.5: one LoRA safety expert per category (train_safetydpo.py, the PSA training loop
 # with --trainable lora), then one Co-Merge of all experts into a single LoRA (psalign.safetydpo.merge_experts).
-# The training numbers are starting points, not a published recipe (SafetyDPO released none).
+#
+# Where the numbers come from. The SafetyDPO authors published no per-expert training settings. Their
+# repository (github.com/Visualignment/SafetyDPO) has one LoRA Diffusion-DPO launcher,
+# launchers/train_lora_sd15.sh with train.py's defaults, not said to be how the experts were trained:
+#   taken from it: LoRA rank 4, alpha = rank, on to_q/to_k/to_v/to_out.0; 2000 steps; 4 pairs per GPU
+#     x 4 accumulation steps; learning rate 1e-5, constant_with_warmup; beta 5000; a checkpoint every
+#     500 steps; 512 px; AdamW, text dropout 0.2 (train.py's defaults, and ours).
+#   our choices: 100 warm-up steps (that launcher: 500); bf16 (fp16); the learning rate as given (it
+#     adds --scale_lr, multiplying 1e-5 by pairs per GPU x accumulation x GPUs); 1 GPU; and the merge:
+#     merged LoRA rank 8, calibration prompts from each expert's own captions (nothing published).
 # Rerunning resumes each expert from its newest checkpoint. Environment overrides:
 #   NUM_GPUS (1), COPROV2 (CoProV2 CSV), IMAGE_ROOT (its images; default: the CSV's folder), OUTPUT,
 #   CATEGORIES (space-separated), MODEL, RANK (expert LoRA rank, 4), ALPHA (4), STEPS, BATCH, ACCUM, LR,

@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # SafetyDPO on SDXL: one LoRA safety expert per category (train_safetydpo.py, the PSA training loop
 # with --trainable lora), then one Co-Merge of all experts into a single LoRA (psalign.safetydpo.merge_experts).
-# The training numbers are starting points, not a published recipe (SafetyDPO released none).
+#
+# Where the numbers come from. The SafetyDPO authors published no per-expert training settings. Their
+# repository (github.com/Visualignment/SafetyDPO) has one LoRA Diffusion-DPO launcher,
+# launchers/train_lora_sdxl.sh with train.py's defaults, not said to be how the experts were trained:
+#   taken from it: LoRA rank 4, alpha = rank, on to_q/to_k/to_v/to_out.0; 2000 steps; 16 pairs per GPU
+#     per step; learning rate 1e-5, constant_with_warmup; beta 5000; a checkpoint every 500 steps;
+#     1024 px; text dropout 0.2 (train.py's default, and ours).
+#   our choices: 1 pair x 16 accumulation steps (that launcher: 4 x 4, same pairs per step, less
+#     memory); 100 warm-up steps (0); bf16 (fp16); AdamW (it uses Adafactor, gradient checkpointing
+#     and the fp16-fix VAE: add --gradient_checkpointing when memory is short); 1 GPU; and the merge:
+#     merged LoRA rank 8, calibration prompts from each expert's own captions (nothing published).
 # Rerunning resumes each expert from its newest checkpoint. Environment overrides:
 #   NUM_GPUS (1), COPROV2 (CoProV2 CSV), IMAGE_ROOT (its images; default: the CSV's folder), OUTPUT,
 #   CATEGORIES (space-separated), MODEL, RANK (expert LoRA rank, 4), ALPHA (4), STEPS, BATCH, ACCUM, LR,

@@ -13,7 +13,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Iterable, Literal, Mapping, TypedDict
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ def sage_preference(banned: bool, caption: Caption) -> tuple[Variant, Variant]:
 
 _TOKEN_ALTERNATION = "|".join(re.escape(t) for t in sorted(CATEGORY_TOKENS.values(), key=len, reverse=True))
 _IMAGE_NAME = re.compile(rf"user_(\d{{7}})_({_TOKEN_ALTERNATION})_(.+)_(\d{{5}})_([su])\.jpg")
+_RECORD_NAME = re.compile(rf"user_(\d{{7}})_({_TOKEN_ALTERNATION})_(.+)_(\d{{5}})\.jpg_([su])\.jpg")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,27 @@ def parse_sage_image_name(name: str) -> SageImageName:
         )
     user_id, token, concept, index, variant = match.groups()
     return SageImageName(user_id, canonical_category(token), concept.replace("_", " "), int(index), variant)
+
+
+def parse_sage_record_name(name: str) -> SageImageName:
+    """Parse a record's ``file_name``, ``user_0000033_self-harm_cutting_scars_00012.jpg_u.jpg``;
+    ``variant`` is the record's caption (``u``: unsafe, ``s``: safe)."""
+    match = _RECORD_NAME.fullmatch(Path(name).name)
+    if match is None:
+        raise ValueError(
+            f"{name!r} is not a Sage record name user_<7 digits>_<category>_<concept>_<5 digits>.jpg_<s|u>.jpg"
+        )
+    user_id, token, concept, index, variant = match.groups()
+    return SageImageName(user_id, canonical_category(token), concept.replace("_", " "), int(index), variant)
+
+
+def image_variant(name: str) -> Variant:
+    """Which image of a unit ``name`` is: ``s`` (drawn from the safe prompt) or ``u``, from its
+    ``_s.jpg`` / ``_u.jpg`` ending (images shared between users may have any stem)."""
+    for variant in ("s", "u"):
+        if Path(name).name.endswith(f"_{variant}.jpg"):
+            return variant
+    raise ValueError(f"{name!r} does not end in _s.jpg or _u.jpg")
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,18 +303,63 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+class PairPixels(TypedDict):
+    """The two images of a pair after :func:`paired_crop_flip`."""
+
+    chosen: torch.Tensor  # float32 (3, R, R) in [-1, 1]
+    rejected: torch.Tensor  # float32 (3, R, R) in [-1, 1]
+    original_size: tuple[int, int]  # (h, w) px of the source images
+    crop_top_left: tuple[int, int]  # (top, left) px in the resized, possibly mirrored, image
+
+
+def paired_crop_flip(
+    chosen: Image.Image,
+    rejected: Image.Image,
+    resolution: int,
+    random_crop: bool = False,
+    random_flip: bool = False,
+) -> PairPixels:
+    """ONE resize, crop and flip shared by the two images of a preference pair.
+
+    Both images (which must have the same size) are resized so their shorter side is R =
+    ``resolution`` px (bilinear), optionally mirrored left-right (probability 0.5 with
+    ``random_flip``), then cropped to R x R px at one origin (uniformly random with
+    ``random_crop``, else centred). Drawing crop or flip per image would misalign the pair.
+    ``crop_top_left`` is in the resized image's frame, mirrored when flipped, as SDXL's
+    ``add_time_ids`` want it. Random draws use torch's default generator (seed it, or rely on the
+    ``DataLoader``'s per-worker seeding).
+    """
+    chosen, rejected = chosen.convert("RGB"), rejected.convert("RGB")
+    if chosen.size != rejected.size:
+        raise ValueError(
+            f"chosen is {chosen.width}x{chosen.height} px but rejected is {rejected.width}x{rejected.height} px; "
+            "the two images of a pair must have the same size"
+        )
+    original_size = (chosen.height, chosen.width)
+    chosen, rejected = _resize_shorter_side(chosen, resolution), _resize_shorter_side(rejected, resolution)
+    if random_crop:
+        top = int(torch.randint(0, chosen.height - resolution + 1, ()).item())
+        left = int(torch.randint(0, chosen.width - resolution + 1, ()).item())
+    else:
+        top, left = (chosen.height - resolution) // 2, (chosen.width - resolution) // 2
+    if random_flip and bool(torch.rand(()) < 0.5):
+        chosen = chosen.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        rejected = rejected.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    box = (left, top, left + resolution, top + resolution)
+    return PairPixels(
+        chosen=_to_tensor(chosen.crop(box)),
+        rejected=_to_tensor(rejected.crop(box)),
+        original_size=original_size,
+        crop_top_left=(top, left),
+    )
+
+
 class PreferencePairDataset(torch.utils.data.Dataset):
     """Sage preference pairs for Diffusion-DPO training.
 
-    Each item is a dict: ``chosen`` and ``rejected`` (float32 (3, R, R) in [-1, 1], R =
-    ``resolution``), ``caption`` (str), ``user_id`` (str), ``user_embed`` (float32 (D,)),
-    ``original_size`` (h, w) of the source images and ``crop_top_left`` (top, left) of the crop in
-    the resized (and, when flipped, mirrored) image, as SDXL's ``add_time_ids`` want them.
-
-    Both images are resized so their shorter side is R, then get ONE shared crop (random with
-    ``random_crop``, else centred) and ONE shared horizontal flip (probability 0.5 with
-    ``random_flip``): drawing them independently would misalign the pair. Random draws use torch's
-    default generator (seed it, or rely on the ``DataLoader``'s per-worker seeding). Every user's
+    Each item is a dict: the :class:`PairPixels` of :func:`paired_crop_flip` (``chosen``,
+    ``rejected``, ``original_size``, ``crop_top_left``: one resize, crop and flip shared by the
+    pair), ``caption`` (str), ``user_id`` (str) and ``user_embed`` (float32 (D,)). Every user's
     embedding is loaded up front: a missing one fails here, naming the users.
     """
 
@@ -319,37 +386,18 @@ class PreferencePairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _crop_origin(self, height: int, width: int) -> tuple[int, int]:
-        size = self.resolution
-        if self.random_crop:
-            top = int(torch.randint(0, height - size + 1, ()).item())
-            left = int(torch.randint(0, width - size + 1, ()).item())
-            return top, left
-        return (height - size) // 2, (width - size) // 2
-
     def __getitem__(self, index: int) -> dict:
         row = self.pairs[index]
-        chosen, rejected = row["chosen"].convert("RGB"), row["rejected"].convert("RGB")
-        if chosen.size != rejected.size:
-            raise ValueError(
-                f"{row['file_name']}: chosen is {chosen.size[0]}x{chosen.size[1]} px but rejected is "
-                f"{rejected.size[0]}x{rejected.size[1]} px; the two images of a pair must have the same size"
+        try:
+            pixels = paired_crop_flip(
+                row["chosen"], row["rejected"], self.resolution, self.random_crop, self.random_flip
             )
-        original_size = (chosen.height, chosen.width)
-        chosen = _resize_shorter_side(chosen, self.resolution)
-        rejected = _resize_shorter_side(rejected, self.resolution)
-        top, left = self._crop_origin(chosen.height, chosen.width)
-        if self.random_flip and bool(torch.rand(()) < 0.5):
-            chosen = chosen.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            rejected = rejected.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        box = (left, top, left + self.resolution, top + self.resolution)
+        except ValueError as err:
+            raise ValueError(f"{row['file_name']}: {err}") from None
         user_id = self.user_ids[index]
         return {
-            "chosen": _to_tensor(chosen.crop(box)),
-            "rejected": _to_tensor(rejected.crop(box)),
+            **pixels,
             "caption": row["caption"],
             "user_id": user_id,
             "user_embed": self.user_embeds[user_id].clone(),
-            "original_size": original_size,
-            "crop_top_left": (top, left),
         }

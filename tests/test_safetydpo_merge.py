@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-from psalign.safetydpo.lora import read_lora_deltas, save_lora_factors
+from psalign.safetydpo.lora import DEFAULT_TARGET_MODULES, read_lora_deltas, save_lora_factors
 from psalign.safetydpo.merge import (
     average_merge,
     co_merge,
@@ -13,6 +13,9 @@ from psalign.safetydpo.merge import (
     refactor_to_lora,
     ties_merge,
 )
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def block_experts(num_experts=3, rows=9, cols=6, seed=0):
@@ -101,6 +104,63 @@ def test_merged_lora_round_trips_through_load_lora_weights(tiny_sd15_path, tmp_p
         fused = fused_pipe.unet(**inputs).sample
     torch.testing.assert_close(loaded, fused, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(loaded, base, atol=1e-4)
+
+
+def _sdxl_unet_inputs(gen: torch.Generator, batch: int = 1) -> dict:
+    """Random inputs of the tiny SDXL UNet: 16x16 latents, a 64-d context, 32-d pooled text, time ids."""
+    return dict(
+        sample=torch.randn(batch, 4, 16, 16, generator=gen), timestep=torch.tensor([50] * batch),
+        encoder_hidden_states=torch.randn(batch, 77, 64, generator=gen),
+        added_cond_kwargs={"text_embeds": torch.randn(batch, 32, generator=gen),
+                           "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * batch)},
+    )
+
+
+def test_merged_sdxl_lora_round_trips_through_load_lora_weights(tiny_sdxl_path, tmp_path):
+    """Co-Merge of three experts on every SDXL attention projection (the calibration activations
+    recorded from the SDXL UNet), re-factored, saved and loaded by a stock SDXL pipeline: exactly the
+    merged model at full rank; at rank 2 exactly the re-factored model, which then differs from it."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path, subfolder="unet")
+    targets = tuple(f".{t}" for t in DEFAULT_TARGET_MODULES)
+    names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(targets)]
+    assert len(names) == 64 and any(".transformer_blocks.1." in n for n in names)  # SDXL's depth-2 blocks
+    gen = torch.Generator().manual_seed(0)
+    experts = [{n: 0.05 * torch.randn(unet.get_submodule(n).weight.shape, generator=gen) for n in names}
+               for _ in range(3)]
+    acts = []
+    for _ in experts:
+        inputs = _sdxl_unet_inputs(gen, batch=2)
+        acts.append(record_input_activations(unet, names, lambda inputs=inputs: unet(**inputs)))
+    merged = co_merge(experts, acts)
+    inputs = _sdxl_unet_inputs(gen)
+
+    def outputs_with(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        model = UNet2DConditionModel.from_pretrained(tiny_sdxl_path, subfolder="unet")
+        fuse_into_unet(model, deltas)
+        with torch.no_grad():
+            return model(**inputs).sample
+
+    with torch.no_grad():
+        base = unet(**inputs).sample
+    merged_out = outputs_with(merged)
+    full_rank = max(min(d.shape) for d in merged.values())
+    for rank in (full_rank, 2):
+        factors, errors = refactor_to_lora(merged, rank=rank)
+        save_lora_factors(tmp_path / f"rank{rank}", factors, rank=rank)
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+        pipe.load_lora_weights(str(tmp_path / f"rank{rank}"))
+        assert sum("lora_A" in n for n, _ in pipe.unet.named_parameters()) == len(names)
+        with torch.no_grad():
+            loaded = pipe.unet(**inputs).sample
+        refactored_out = outputs_with({n: b @ a for n, (a, b) in factors.items()})
+        torch.testing.assert_close(loaded, refactored_out, rtol=1e-4, atol=1e-5)
+        if rank == full_rank:
+            assert max(errors.values()) < 1e-5
+            torch.testing.assert_close(loaded, merged_out, rtol=1e-4, atol=1e-5)
+        else:
+            assert min(errors.values()) > 0.1  # rank 2 of 16- to 32-dimensional random deltas
+            assert not torch.allclose(loaded, merged_out, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(merged_out, base, atol=1e-4)
 
 
 def test_record_input_activations_is_the_mean_absolute_input(tiny_sd15_path):

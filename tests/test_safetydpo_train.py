@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from psalign.safetydpo.data import (
 )
 from psalign.training import PSATrainer, load_training_config, read_metrics
 
+REPO = Path(__file__).resolve().parents[1]
 
 
 def reset_accelerate_state() -> None:
@@ -32,12 +36,9 @@ def reset_accelerate_state() -> None:
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
+def fresh_accelerate_state(one_torch_thread):
     """One torch thread (tiny models run faster so) and a fresh Accelerate state per test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     reset_accelerate_state()
 
 
@@ -92,6 +93,34 @@ def test_sage_pairs_always_choose_the_safe_image(tmp_path):
     assert all(p.chosen.endswith("_s.jpg") and p.rejected.endswith("_u.jpg") for p in pairs)
     # users allowing the category chose the unsafe image under the unsafe caption; the expert never does
     assert any(r["chosen"].endswith("_u.jpg") for r in records)
+
+
+def test_sage_pairs_take_the_category_from_the_record_name_so_shared_images_may_have_any_stem(tmp_path):
+    """Images shared by several users (the toy world's pool) are not named after one user's unit."""
+    from psalign.sage import write_preference_pairs
+    from psalign.users import generate_users
+
+    (tmp_path / "pool").mkdir()
+    for variant in "su":
+        Image.new("RGB", (8, 8)).save(tmp_path / "pool" / f"red_square_07_{variant}.jpg")
+    records = [
+        {"file_name": f"user_{user.user_id}_{token}_a_fight_00000.jpg_{caption}.jpg",
+         "chosen": f"pool/red_square_07_{chosen}.jpg", "rejected": f"pool/red_square_07_{'su'[chosen == 's']}.jpg",
+         "caption": f"{caption} caption", "user_data": user.user_data()}
+        for user, chosen in zip(generate_users(2, seed=0), "us")
+        for token in ("violence", "hate")
+        for caption in "us"
+    ]
+    metadata = write_preference_pairs(tmp_path / "metadata.jsonl", records)
+    pairs = read_sage_pairs(metadata, "Violence")
+    assert len(pairs) == 4 and all(p.categories == ("Violence",) for p in pairs)
+    assert all(p.chosen.endswith("red_square_07_s.jpg") and p.rejected.endswith("red_square_07_u.jpg") for p in pairs)
+    assert sorted(p.caption for p in pairs) == ["s caption", "s caption", "u caption", "u caption"]
+
+    records[0]["file_name"] = "red_square.jpg_u.jpg"
+    write_preference_pairs(tmp_path / "bad.jsonl", records)
+    with pytest.raises(InputError, match=r"bad.jsonl:1: file_name: 'red_square.jpg_u.jpg' is not a Sage record name"):
+        read_sage_pairs(tmp_path / "bad.jsonl", "Violence")
 
 
 def _sage_metadata(root: Path) -> Path:
@@ -200,6 +229,60 @@ def test_expert_loss_starts_at_ln2_and_falls_and_the_lora_loads_in_a_stock_pipel
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
     info = json.loads((out / "training_info.json").read_text())
     assert info["global_step"] == 40 and info["training_args"]["lora_rank"] == 4
+
+
+def test_two_process_launch_keeps_the_lora_replicas_in_sync_and_writes_one_stock_loadable_lora(
+    tiny_sd15_path, tmp_path
+):
+    """A real two-process ``accelerate launch`` of train_safetydpo.py (gloo on CPU: ``--cpu
+    --num_processes 2`` starts one process in accelerate 1.x, hence ``--multi_gpu`` with
+    ``ACCELERATE_USE_CPU=1``), with gradient accumulation. The LoRA factors live in the UNet and
+    ``UNetLoRA.forward`` computes nothing, so only the hooks DDP's forward arms sync their
+    gradients; the trainer's end-of-run check fails the run if the replicas diverged."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    csv = write_coprov2(tmp_path / "copro", n_pairs=8)
+    out = tmp_path / "expert"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_safetydpo.py"),
+        "--category", "Violence", "--coprov2", str(csv), "--pretrained_model", str(tiny_sd15_path),
+        "--output_dir", str(out), "--resolution", "8", "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
+        "--max_train_steps", "2", "--checkpointing_steps", "1", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+        "--learning_rate", "1e-2", "--proportion_empty_prompts", "0", "--report_to", "none",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count("trained weights in sync: equal weight sums on all 2 processes") == 1
+    assert result.stdout.count("LoRA expert written") == 1
+    assert {p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"
+    }
+    assert [p.name for p in out.glob("*.safetensors")] == ["pytorch_lora_weights.safetensors"]
+    metrics = read_metrics(out)
+    assert sorted(metrics) == [1, 2] and metrics[2]["loss"] != pytest.approx(math.log(2), abs=1e-6)
+
+    final = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    after_step_1 = {  # checkpoint keys: factors.<module with __>__lora_A__default__weight
+        "unet." + k.removeprefix("factors.").replace("__", ".").replace(".default.", "."): v
+        for k, v in load_file(str(out / "checkpoint-1" / "model.safetensors")).items()
+    }
+    assert sorted(final) == sorted(after_step_1) and len(final) == 112
+    for name, tensor in final.items():  # step 2 moved every factor (lora_B started at zero)
+        assert not torch.equal(tensor, after_step_1[name]), name
+        assert tensor.abs().sum() > 0, name
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_path, safety_checker=None)
+    inputs = dict(sample=torch.randn(1, 4, 8, 8), timestep=torch.tensor([50]), encoder_hidden_states=torch.randn(1, 77, 32))
+    with torch.no_grad():
+        base = pipe.unet(**inputs).sample
+        pipe.load_lora_weights(str(out))
+        loaded = pipe.unet(**inputs).sample
+    assert sum("lora_A" in n for n, _ in pipe.unet.named_parameters()) == 56
+    assert not torch.allclose(loaded, base, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- merge CLI

@@ -15,6 +15,7 @@ from psalign.sage import (
     SageUnit,
     build_preference_pairs,
     load_preference_dataset,
+    paired_crop_flip,
     parse_sage_image_name,
     read_preference_pairs,
     sage_image_name,
@@ -185,6 +186,48 @@ def test_hf_dataset_decodes_images_lazily(tmp_path):
     _write_image(root / first["chosen"], np.full((32, 48, 3), 7))
     assert np.asarray(dataset[0]["chosen"]).max() == 7
     assert dataset[0]["caption"] == first["caption"] and dataset[0]["user_data"]["User_ID"] == "0000001"
+
+
+def _distinct_pixels(height: int, width: int) -> np.ndarray:
+    """(h, w, 3) uint8 with every pixel different, so any crop or mirroring is recognisable."""
+    values = np.arange(height * width * 3).reshape(height, width, 3) * 7 % 256
+    return values.astype(np.uint8)
+
+
+def _matches(image: torch.Tensor, pixels: np.ndarray) -> bool:
+    """Whether a (3, h, w) tensor in [-1, 1] shows the (h, w, 3) uint8 ``pixels``."""
+    expected = torch.from_numpy(np.ascontiguousarray(pixels) / 127.5 - 1.0).permute(2, 0, 1).float()
+    return torch.allclose(image, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(4, 10), (10, 4)])  # (h, w): wide images crop along x, tall along y
+def test_paired_crop_flip_mirrors_both_images_and_reports_the_crop_in_the_mirrored_frame(size):
+    original = _distinct_pixels(*size)
+    chosen, rejected = Image.fromarray(original), Image.fromarray(255 - original)
+    mirrored = original[:, ::-1]
+    torch.manual_seed(0)
+    origins, flips = set(), set()
+    for _ in range(40):
+        out = paired_crop_flip(chosen, rejected, resolution=4, random_crop=True, random_flip=True)
+        assert out["chosen"].shape == out["rejected"].shape == (3, 4, 4) and out["chosen"].dtype == torch.float32
+        assert out["original_size"] == size
+        top, left = out["crop_top_left"]
+        window = (slice(top, top + 4), slice(left, left + 4))
+        flipped = _matches(out["chosen"], mirrored[window])
+        assert flipped or _matches(out["chosen"], original[window])
+        torch.testing.assert_close(out["rejected"], -out["chosen"], rtol=0, atol=1e-6)  # same crop, same flip
+        origins.add((top, left))
+        flips.add(flipped)
+    assert len(origins) > 3 and flips == {True, False}
+
+
+def test_paired_crop_flip_resizes_the_shorter_side_and_centres_the_crop():
+    chosen = Image.fromarray(np.zeros((8, 20, 3), dtype=np.uint8))
+    out = paired_crop_flip(chosen, chosen.copy(), resolution=4)
+    assert out["original_size"] == (8, 20) and out["crop_top_left"] == (0, 3)  # resized to 4x10 px
+    assert out["chosen"].shape == (3, 4, 4) and torch.all(out["chosen"] == -1)
+    with pytest.raises(ValueError, match="chosen is 20x8 px but rejected is 20x9 px"):
+        paired_crop_flip(chosen, Image.new("RGB", (20, 9)), resolution=4)
 
 
 def test_pair_dataset_shares_one_crop_and_flip(tmp_path):

@@ -26,7 +26,7 @@ from PIL import Image
 
 from psalign.categories import canonical_category
 from psalign.io import InputError, InputProblem, atomic_write
-from psalign.sage import _resize_shorter_side, _to_tensor, parse_sage_image_name, sage_preference
+from psalign.sage import image_variant, paired_crop_flip, parse_sage_record_name, sage_preference
 
 COPRO_COLUMNS = ("prompt", "image", "category")
 _COPRO_IMAGE = re.compile(r"([us])_idx_(\d+)")
@@ -101,7 +101,11 @@ def read_coprov2_pairs(csv_path: str | Path, image_root: str | Path, category: s
 
 
 def read_sage_pairs(metadata: str | Path, category: str) -> list[ExpertPair]:
-    """Every Sage record of ``category`` (both captions), the ``_s`` image chosen whatever the user."""
+    """Every Sage record of ``category`` (both captions), the ``_s`` image chosen whatever the user.
+
+    The category and caption come from the record's ``file_name``; which image is which from the
+    images' ``_s.jpg`` / ``_u.jpg`` endings (their stems may be anything, e.g. a pool shared by users).
+    """
     from psalign.sage import read_preference_pairs
 
     path = Path(metadata)
@@ -109,21 +113,24 @@ def read_sage_pairs(metadata: str | Path, category: str) -> list[ExpertPair]:
     pairs, problems = [], []
     for line, record in _numbered(read_preference_pairs(path, path.parent), path):
         try:
-            images = {parse_sage_image_name(record[k]).variant: record[k] for k in ("chosen", "rejected")}
-            image_category = parse_sage_image_name(record["chosen"]).category
+            name = parse_sage_record_name(record["file_name"])
+        except ValueError as err:
+            problems.append(InputProblem(str(path), line, str(err), "file_name"))
+            continue
+        try:
+            images = {image_variant(record[k]): record[k] for k in ("chosen", "rejected")}
         except ValueError as err:
             problems.append(InputProblem(str(path), line, str(err), "chosen"))
             continue
         if set(images) != {"s", "u"}:
             problems.append(InputProblem(str(path), line, "chosen and rejected must be one _s and one _u image"))
             continue
-        if image_category != wanted:
+        if name.category != wanted:
             continue
-        caption = "unsafe" if record["file_name"].endswith("_u.jpg") else "safe"
-        chosen, rejected = sage_preference(banned=True, caption=caption)
+        chosen, rejected = sage_preference(banned=True, caption="unsafe" if name.variant == "u" else "safe")
         pairs.append(ExpertPair(
             str((path.parent / images[chosen]).resolve()), str((path.parent / images[rejected]).resolve()),
-            record["caption"], (image_category,),
+            record["caption"], (name.category,),
         ))
     if problems:
         raise InputError(problems, header=f"{len(problems)} problem(s) in {path}")
@@ -170,9 +177,9 @@ def read_expert_pairs(path: str | Path) -> list[ExpertPair]:
 
 
 class ExpertPairDataset(torch.utils.data.Dataset):
-    """Expert pairs as training items: ``chosen``/``rejected`` (float32 (3, R, R) in [-1, 1]),
-    ``caption``, ``original_size`` and ``crop_top_left``; the same shared resize, crop and flip as
-    :class:`psalign.sage.PreferencePairDataset` (no user)."""
+    """Expert pairs as training items: the :class:`psalign.sage.PairPixels` of
+    :func:`psalign.sage.paired_crop_flip` (``chosen``/``rejected`` float32 (3, R, R) in [-1, 1],
+    ``original_size``, ``crop_top_left``) and the ``caption``; no user."""
 
     def __init__(self, path: str | Path, resolution: int = 512, random_crop: bool = False, random_flip: bool = False):
         self.root = Path(path).parent
@@ -183,29 +190,13 @@ class ExpertPairDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict:
-        pair, size = self.pairs[index], self.resolution
-        chosen = Image.open(self.root / pair.chosen).convert("RGB")
-        rejected = Image.open(self.root / pair.rejected).convert("RGB")
-        if chosen.size != rejected.size:
-            raise ValueError(f"{pair.chosen} and {pair.rejected}: the two images of a pair must have the same size")
-        original_size = (chosen.height, chosen.width)
-        chosen, rejected = _resize_shorter_side(chosen, size), _resize_shorter_side(rejected, size)
-        if self.random_crop:
-            top = int(torch.randint(0, chosen.height - size + 1, ()).item())
-            left = int(torch.randint(0, chosen.width - size + 1, ()).item())
-        else:
-            top, left = (chosen.height - size) // 2, (chosen.width - size) // 2
-        if self.random_flip and bool(torch.rand(()) < 0.5):
-            chosen = chosen.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            rejected = rejected.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        box = (left, top, left + size, top + size)
-        return {
-            "chosen": _to_tensor(chosen.crop(box)),
-            "rejected": _to_tensor(rejected.crop(box)),
-            "caption": pair.caption,
-            "original_size": original_size,
-            "crop_top_left": (top, left),
-        }
+        pair = self.pairs[index]
+        chosen, rejected = Image.open(self.root / pair.chosen), Image.open(self.root / pair.rejected)
+        try:
+            pixels = paired_crop_flip(chosen, rejected, self.resolution, self.random_crop, self.random_flip)
+        except ValueError as err:
+            raise ValueError(f"{pair.chosen} and {pair.rejected}: {err}") from None
+        return {**pixels, "caption": pair.caption}
 
 
 EXPERT_PAIRS_NAME = "expert_pairs.jsonl"

@@ -44,7 +44,12 @@ class UNetLoRA(torch.nn.Module):
         self._unet = [unet]  # not a submodule: only the factors are this module's parameters
 
     def forward(self) -> None:
-        """No conditioning: the LoRA acts on every input."""
+        """No conditioning: the LoRA acts on every input.
+
+        Under DDP the call still matters: the wrapper's forward arms its gradient hooks on the
+        factors, which then all-reduce their gradients when the UNet's backward reaches them
+        (they are the same tensors). Skipping it leaves each process with its own gradients.
+        """
         return None
 
     def activate(self, conditioning: None) -> None:

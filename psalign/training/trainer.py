@@ -604,6 +604,7 @@ class PSATrainer:
         sums = accelerator.gather(checksum.reshape(1).to(accelerator.device))
         if not torch.all(sums == sums[0]):
             raise RuntimeError(f"the adapter replicas diverged across processes (weight sums {sums.tolist()})")
+        accelerator.print(f"trained weights in sync: equal weight sums on all {accelerator.num_processes} processes")
 
 
 def train(config: TrainingConfig) -> Path:
