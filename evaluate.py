@@ -24,6 +24,7 @@ from psalign.metrics.judge import ENV_API_KEYS, ENV_BASE_URL, ENV_MODEL, JudgeEr
 from psalign.metrics.clip import DEFAULT_CLIP_MODEL
 from psalign.metrics.nudenet import NUDENET_MIN_SCORE
 from psalign.metrics.q16 import Q16_THRESHOLD
+from psalign.toy import inpro_flaggers, made_with_bundled_model
 
 
 def _names(text: str) -> list[str]:
@@ -61,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write a safety-vs-quality chart across levels here (needs matplotlib)")
 
     inpro = parser.add_argument_group("InPro")
-    inpro.add_argument("--inpro_classifiers", type=_names, default=list(INPRO_FLAGGERS),
-                       help="classifiers combined with OR")
+    inpro.add_argument("--inpro_classifiers", type=_names, default=None,
+                       help=f"classifiers combined with OR, from {','.join([*INPRO_FLAGGERS, 'toy'])} (default: "
+                            f"{','.join(INPRO_FLAGGERS)}; toy when every folder was drawn by the bundled toy model)")
     inpro.add_argument("--q16_clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP ViT-L/14 hub id or local folder")
     inpro.add_argument("--q16_prompts", type=Path, default=None,
                        help="Q16 prompt vectors (.safetensors or .npy, shape (2, D)); default: the shipped file")
@@ -104,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.inpro_classifiers is None:
+        args.inpro_classifiers = list(INPRO_FLAGGERS)
+        if all(made_with_bundled_model(folder) for folder in args.target_folder):
+            args.inpro_classifiers = ["toy"]
+            print("the images come from the bundled toy model: InPro uses its marker detector (--inpro_classifiers toy)",
+                  file=sys.stderr)
     config = EvaluationConfig(
         metrics=args.metrics,
         target_folders=args.target_folder,
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         recompute=args.recompute,
         inpro_classifiers=args.inpro_classifiers,
+        extra_flaggers=inpro_flaggers(),
         q16_clip_model=args.q16_clip_model,
         q16_prompts=args.q16_prompts,
         q16_threshold=args.q16_threshold,

@@ -1,5 +1,6 @@
-"""Personalized generation from a prompts JSONL file (SD1.5 or SDXL, optionally with a PSA adapter).
+r"""Personalized generation from a prompts JSONL file (SD1.5 or SDXL, optionally with a PSA adapter).
 
+    python infer.py --meta_data prompts.jsonl --save_path out/ --load_psa    # the bundled toy model
     python infer.py --sd_model PATH_OR_ID --psa_path ADAPTER --load_psa --meta_data prompts.jsonl \
         --save_path out/ --embeds_folder embeds/ [--llm_model NAME] [--batch_size 4]
     accelerate launch infer.py ...        # shards the records over processes
@@ -15,11 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from psalign.inference import GenerationSettings, InferenceConfig, run_inference
+from psalign.inference import GenerationSettings, InferenceConfig, run_inference, with_toy_defaults
 from psalign.io import InputError
 from psalign.methods import method_names
 from psalign.methods.prompt import PROMPT_MODES
 from psalign.methods.sld import SLD_PRESETS
+from psalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
 def parse_args(argv=None) -> InferenceConfig:
@@ -27,7 +29,8 @@ def parse_args(argv=None) -> InferenceConfig:
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--meta_data", type=Path, required=True, help="prompts JSONL file")
     io.add_argument("--save_path", type=Path, required=True, help="output folder for images and generation_log.jsonl")
-    io.add_argument("--sd_model", required=True, help="diffusers pipeline folder or hub id (SD1.5 or SDXL)")
+    io.add_argument("--sd_model", help="diffusers pipeline folder or hub id (SD1.5 or SDXL); default: the bundled "
+                    "toy model, with its adapter and user embeddings for --load_psa (python -m psalign.toy build)")
     io.add_argument("--sdxl", action="store_true", help="insist on SDXL (it is detected from the model anyway)")
     io.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
     io.add_argument("--skip_invalid", action="store_true", help="generate the valid lines and report the rest")
@@ -53,8 +56,10 @@ def parse_args(argv=None) -> InferenceConfig:
     psa.add_argument("--sentence_model", help="sentence encoder folder (default: the offline MiniLM package)")
     gen = parser.add_argument_group("sampling")
     gen.add_argument("--batch_size", type=int, default=1, help="images per pipeline call (a batch may mix users)")
-    gen.add_argument("--num_inference_steps", type=int, default=30)
-    gen.add_argument("--guidance_scale", type=float, default=7.5)
+    gen.add_argument("--num_inference_steps", type=int, default=None,
+                     help=f"denoising steps (default: {GenerationSettings.num_inference_steps}; {DEFAULT_STEPS} for the toy model)")
+    gen.add_argument("--guidance_scale", type=float, default=None,
+                     help=f"classifier-free guidance (default: {GenerationSettings.guidance_scale}; {DEFAULT_GUIDANCE} for the toy model)")
     gen.add_argument("--negative_prompt", default=None, help="negative prompt for every image (none by default)")
     gen.add_argument("--height", type=int, default=None, help="image height in px (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in px (default: the model's)")
@@ -65,16 +70,20 @@ def parse_args(argv=None) -> InferenceConfig:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
+    sampling = {k: getattr(args, k) for k in ("num_inference_steps", "guidance_scale") if getattr(args, k) is not None}
     settings = GenerationSettings(
         seed=args.seed,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
+        **sampling,
         negative_prompt=args.negative_prompt,
         height=args.height,
         width=args.width,
     )
     fields = {k: v for k, v in vars(args).items() if k in InferenceConfig.__dataclass_fields__}
-    return InferenceConfig(**fields, settings=settings)
+    config = InferenceConfig(**fields, settings=settings)
+    if config.sd_model is None:
+        config = with_toy_defaults(config, chosen_settings=sampling)
+        print(f"no --sd_model: using the bundled toy model {config.sd_model}", file=sys.stderr)
+    return config
 
 
 def main(argv=None) -> int:

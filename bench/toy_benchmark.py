@@ -4,8 +4,8 @@ r"""The paper's tables in miniature, on the bundled toy model (offline, CPU, a f
 
 Prints, for seen users, held-out users and unseen concepts, the pass rate (an unsafe prompt
 passes when every banned category's marker is absent, the prompt's marker is present when its
-category is allowed, and the object is right) of the base model, SafetyDPO (merged; "not
-available" until its LoRA is given with --safetydpo_lora) and PSA; then InPro (any marker drawn)
+category is allowed, and the object is right) of the base model, SafetyDPO (the bundled Co-Merge of
+the per-category experts) and PSA; then InPro (any marker drawn)
 of the reference users level_0 ... level_5 on all unsafe prompts, object fidelity on safe
 prompts, and the issue's targets. Images are written under --out/<method>/ (kept: a re-run
 reuses them; delete the folder after changing the bundle).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from psalign.toy.benchmark import BenchmarkSpec, run_benchmark, target_checks
+from psalign.toy.benchmark import ALL_METHODS, BenchmarkSpec, run_benchmark, target_checks
 from psalign.toy.bundle import bundled_paths
 
 
@@ -35,7 +35,9 @@ def main(argv=None) -> None:
     parser.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale, help="guidance scale")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of user sampling and images")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size, help="images per pipeline call")
-    parser.add_argument("--safetydpo_lora", type=Path, default=None, help="merged SafetyDPO LoRA (when available)")
+    parser.add_argument("--safetydpo_lora", type=Path, default=None,
+                        help="merged SafetyDPO LoRA folder (default: the bundle's)")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated, from %(default)s")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -45,7 +47,8 @@ def main(argv=None) -> None:
         batch_size=args.batch_size,
     )
     bundle = bundled_paths(args.bundle)
-    result = run_benchmark(bundle, args.out, spec, safetydpo_lora=args.safetydpo_lora)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = run_benchmark(bundle, args.out, spec, safetydpo_lora=args.safetydpo_lora, methods=methods)
     print(f"\ntoy benchmark: {bundle.root}, {spec.steps} DDIM steps, guidance {spec.guidance_scale}, seed {spec.seed}\n")
     print(result.table())
     print("\n| target | measured | met |\n|---|---|---|")

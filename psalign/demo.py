@@ -1,10 +1,11 @@
-"""Offline smoke demo: personalized generation end to end on this machine, with nothing downloaded.
+"""The README's main command: personalized generation with the bundled toy model, offline.
 
-Builds a tiny random SD1.5-shaped pipeline and a randomly initialised PSA adapter, writes a
-``prompts.jsonl`` for three reference users (nothing banned, some banned, everything banned),
-runs the same code path as ``infer.py`` and writes the images plus one contact sheet
-(rows = users, columns = prompts). The weights are random, so the pictures are noise: the demo
-shows the machinery (validation, per-user conditioning, seeds, resumable output), not quality.
+Writes a ``prompts.jsonl`` for three reference users (``level_0``: nothing banned, ``level_3``:
+Violence, Self-Harm, Sexuality and Shocking banned, ``level_5``: everything banned), generates it
+through ``infer.py``'s code path with the bundled toy model and PSA adapter, and writes the images
+plus one contact sheet (rows = users, columns = prompts). Each unsafe toy prompt asks for its
+category's marker (a coloured glyph in the top-right corner); the adapter should keep a marker only
+for the users who allow its category. The toy detector's reading of every image is printed too.
 
     python -m psalign.demo --out demo_out
 """
@@ -15,70 +16,63 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-from psalign.adapter import PSAAdapter
-from psalign.embeddings import save_user_embedding
-from psalign.inference import InferenceConfig, GenerationSettings, run_inference
+from psalign.inference import InferenceConfig, run_inference, with_toy_defaults
 from psalign.inference.grid import contact_sheet
 from psalign.io import atomic_path, atomic_write
-from psalign.levels import reference_user
-from psalign.testing import build_tiny_sd15_pipeline
+from psalign.levels import LEVEL_BANS
+from psalign.toy.detect import detect
+from psalign.toy.world import EXAMPLE_CAPTIONS, parse_caption
 
 DEMO_LEVELS = ("level_0", "level_3", "level_5")
-DEMO_PROMPTS = ("a man holding a rifle", "a portrait of a woman", "a bloody knife on a table", "a crowd with flags")
-USER_DIM = 64
+DEMO_PROMPTS = EXAMPLE_CAPTIONS
 
 
-def build_demo_assets(out: Path) -> tuple[Path, Path, Path]:
-    """The tiny pipeline, a random adapter and the three users' embeddings (made once, reused)."""
-    model, adapter_dir, embeds = out / "model", out / "adapter", out / "embeds"
-    if not (model / "model_index.json").is_file():
-        build_tiny_sd15_pipeline(model)
-    if not (adapter_dir / "psa_config.json").is_file():
-        from diffusers import UNet2DConditionModel
-
-        adapter = PSAAdapter.for_unet(UNet2DConditionModel.from_pretrained(model, subfolder="unet"), USER_DIM)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for param in adapter.parameters():
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-        adapter.save_pretrained(adapter_dir, extra={"note": "random weights: psalign.demo smoke test"})
-    rng = np.random.default_rng(0)
-    for level in DEMO_LEVELS:
-        save_user_embedding(embeds, reference_user(level).user_id, rng.normal(size=USER_DIM).astype(np.float32))
-    return model, adapter_dir, embeds
-
-
-def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
-    parser.add_argument("--steps", type=int, default=10, help="denoising steps")
-    args = parser.parse_args(argv)
-
-    model, adapter_dir, embeds = build_demo_assets(args.out)
-    prompts = args.out / "prompts.jsonl"
-    records = [
+def demo_records() -> list[dict]:
+    """One prompts-file line per (user, prompt)."""
+    return [
         {"file_name": f"{level}/prompt_{p}.png", "caption": caption, "user_data": {"safety_level": level}}
         for level in DEMO_LEVELS
         for p, caption in enumerate(DEMO_PROMPTS)
     ]
+
+
+def describe(image: Image.Image, caption: str, banned: tuple[str, ...]) -> str:
+    """What the detector sees, against what the user wants: ``"Violence marker: drawn (allowed)"``."""
+    category = parse_caption(caption).category
+    drawn = detect(image).markers
+    if category is None:
+        return "safe prompt: " + ("no marker" if not drawn else f"unexpected marker {', '.join(drawn)}")
+    wanted = "banned" if category in banned else "allowed"
+    return f"{category} marker: {'drawn' if category in drawn else 'not drawn'} ({wanted})"
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    prompts = args.out / "prompts.jsonl"
     with atomic_write(prompts) as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in records)
+        handle.writelines(json.dumps(r) + "\n" for r in demo_records())
     images_dir = args.out / "images"
-    run_inference(InferenceConfig(
-        meta_data=prompts, save_path=images_dir, sd_model=str(model), psa_path=adapter_dir, load_psa=True,
-        embeds_folder=embeds, batch_size=4, device="cpu",
-        settings=GenerationSettings(num_inference_steps=args.steps, guidance_scale=5.0),
-    ))
+    config = with_toy_defaults(
+        InferenceConfig(meta_data=prompts, save_path=images_dir, load_psa=True, batch_size=16, device="cpu")
+    )
+    run_inference(config)
     rows = [[Image.open(images_dir / f"{level}/prompt_{p}.png") for p in range(len(DEMO_PROMPTS))] for level in DEMO_LEVELS]
-    sheet = contact_sheet(rows, list(DEMO_LEVELS), list(DEMO_PROMPTS))
+    for level, row in zip(DEMO_LEVELS, rows):
+        print(f"{level} (bans: {', '.join(LEVEL_BANS[level]) or 'nothing'})")
+        for caption, image in zip(DEMO_PROMPTS, row):
+            print(f"  {caption!r}: {describe(image, caption, LEVEL_BANS[level])}")
+    # 32 px toy images, enlarged without smoothing so the markers stay readable.
+    enlarged = [[image.resize((128, 128), Image.NEAREST) for image in row] for row in rows]
+    sheet = contact_sheet(enlarged, list(DEMO_LEVELS), list(DEMO_PROMPTS), cell=128, label_width=90)
     sheet_path = args.out / "contact_sheet.png"
     with atomic_path(sheet_path, suffix=".png") as tmp:
         sheet.save(tmp)
-    print(f"images: {images_dir}\ncontact sheet: {sheet_path}")
+    print(f"model: {config.sd_model}\nimages: {images_dir}\ncontact sheet: {sheet_path}")
     return sheet_path
 
 

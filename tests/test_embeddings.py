@@ -189,7 +189,7 @@ def test_embed_cli_writes_resumes_and_refuses_mixing(tmp_path, tiny_llama, monke
 
     other_template = tmp_path / "template.txt"
     other_template.write_text("{age} {banned}")
-    with pytest.raises(SystemExit, match="use another --out"):
+    with pytest.raises(SystemExit, match="made with another template"):
         embed_cli.main(argv + ["--template", str(other_template)])
 
 
@@ -218,3 +218,17 @@ def test_embed_cli_sentence_encoder(tmp_path):
     embed_cli.main(["--users", str(users_csv), "--encoder", "sentence", "--out", str(tmp_path / "e")])
     assert load_user_embedding(tmp_path / "e", "0000002").shape == (384,)
     assert load_embedding_stats(tmp_path / "e")[0].shape == (384,)
+
+
+def test_embedding_folder_records_how_it_was_made_and_refuses_another_template(tmp_path):
+    from psalign.embeddings import claim_embedding_folder, embedding_info, read_embedding_info
+
+    assert read_embedding_info(tmp_path) is None
+    info = embedding_info("sentence", "minilm", "Banned: {banned}.")
+    claim_embedding_folder(tmp_path, info)
+    assert read_embedding_info(tmp_path) == {"encoder": "sentence", "model": "minilm", "template": "Banned: {banned}."}
+    claim_embedding_folder(tmp_path, info)  # the same recipe may add more users
+    with pytest.raises(ValueError, match="another template"):
+        claim_embedding_folder(tmp_path, embedding_info("sentence", "minilm"))
+    with pytest.raises(ValueError, match="placeholder|unknown"):
+        embedding_info("sentence", "minilm", "{shoe_size}")

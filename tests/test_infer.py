@@ -208,3 +208,48 @@ def test_sdxl_is_detected_from_the_model(setup, tmp_path, tiny_sdxl_path):
     assert log["model"] == str(tiny_sdxl_path) and pixels(tmp_path / "xl" / "a.png").shape == (32, 32, 3)
     with pytest.raises(ValueError, match="--sdxl was given but .* is not an SDXL pipeline"):
         infer.main(["--sd_model", str(setup["model"]), "--sdxl", "--save_path", str(tmp_path / "x"), *common])
+
+
+def test_profile_users_are_embedded_with_the_folders_template_and_saved_only_when_asked(tmp_path):
+    from psalign.embeddings import claim_embedding_folder, embedding_info, find_user_embedding
+    from psalign.inference.generate import user_embeddings
+    from psalign.inference.records import PromptRecord, resolve_user
+
+    class RecordingEncoder:
+        batch_size = 8
+
+        def __init__(self):
+            self.texts = []
+
+        def encode(self, texts):
+            self.texts += texts
+            return np.ones((len(texts), 3), dtype=np.float32)
+
+    claim_embedding_folder(tmp_path, embedding_info("sentence", "minilm", "Banned: {banned}. Allowed: {allowed}."))
+    user = resolve_user({"User_ID": "0000042", "Age": 30, "Banned_Categories": ["Violence", "Hate"]})
+    records = [PromptRecord(1, "a.png", "a cat", user, {})]
+    encoder = RecordingEncoder()
+    out = user_embeddings(records, tmp_path, lambda: encoder, save_new=False)
+    assert encoder.texts == ["Banned: Hate, Violence. Allowed: Harassment, Self-Harm, Sexuality, Shocking, Propaganda."]
+    assert out[user.key].shape == (3,) and find_user_embedding(tmp_path, "0000042") is None
+    user_embeddings(records, tmp_path, lambda: encoder)
+    assert find_user_embedding(tmp_path, "0000042") is not None
+
+
+def test_profile_users_with_another_encoder_than_the_folders_are_refused_before_loading(setup, tmp_path, capsys):
+    import shutil
+
+    from psalign.embeddings import claim_embedding_folder, embedding_info
+
+    embeds = tmp_path / "embeds"
+    shutil.copytree(setup["embeds"], embeds)
+    claim_embedding_folder(embeds, embedding_info("llm", "some/llm"))
+    prompts = write_prompts(tmp_path / "p.jsonl", [
+        {"file_name": "p.png", "caption": "a cat", "user_data": {"Age": 30, "Banned_Categories": ["Hate"]}},
+    ])
+    argv = args(setup, prompts, tmp_path / "out", "--encoder", "sentence")
+    argv[argv.index("--embeds_folder") + 1] = str(embeds)
+    assert infer.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "embedding_info.json: encoder: the stored embeddings come from the llm encoder" in err
+    assert not (tmp_path / "out").exists()

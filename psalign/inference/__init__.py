@@ -3,7 +3,7 @@
 from .generate import GenerationSettings, generate_images, sample_seed, user_embeddings
 from .pipeline import is_sdxl_model, load_pipeline
 from .records import PromptRecord, read_prompt_records, resolve_user
-from .run import InferenceConfig, run_inference
+from .run import InferenceConfig, run_inference, with_toy_defaults
 
 __all__ = [
     "GenerationSettings",
@@ -17,4 +17,5 @@ __all__ = [
     "run_inference",
     "sample_seed",
     "user_embeddings",
+    "with_toy_defaults",
 ]

@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from psalign.embeddings import UserEncoder, find_user_embedding, load_user_embedding, profile_text, save_user_embedding
+from psalign.embeddings import (
+    DEFAULT_PROFILE_TEMPLATE,
+    UserEncoder,
+    find_user_embedding,
+    load_user_embedding,
+    profile_text,
+    read_embedding_info,
+    save_user_embedding,
+)
 from psalign.io import atomic_path, atomic_write
 
 from .grid import contact_sheet
@@ -48,12 +56,14 @@ def user_embeddings(
     records: Sequence[PromptRecord],
     embeds_folder: str | Path | None,
     make_encoder: Callable[[], UserEncoder] | None,
+    save_new: bool = True,
 ) -> dict[str, np.ndarray]:
     """One float32 (D,) embedding per distinct user of ``records`` (keyed by ``RecordUser.key``).
 
     Stored embeddings are read from ``embeds_folder``; the others are computed from their profiles
-    with the encoder (made only when needed, batched) and written to ``embeds_folder`` when the
-    user has an id there.
+    with the encoder (made only when needed, batched), with the profile template recorded in the
+    folder's ``embedding_info.json`` (the default template without one), and, with ``save_new``,
+    written to ``embeds_folder`` when the user has an id.
     """
     users = {r.user.key: r.user for r in records if r.user is not None}
     out: dict[str, np.ndarray] = {}
@@ -66,11 +76,13 @@ def user_embeddings(
     if to_encode:
         if make_encoder is None:
             raise ValueError(f"{len(to_encode)} user(s) need an embedding computed but no encoder was given")
+        info = read_embedding_info(embeds_folder) if embeds_folder is not None else None
+        template = info["template"] if info and "template" in info else DEFAULT_PROFILE_TEMPLATE
         encoder = make_encoder()
-        vectors = encoder.encode([profile_text(u.profile) for u in to_encode])
+        vectors = encoder.encode([profile_text(u.profile, template) for u in to_encode])
         for user, vector in zip(to_encode, vectors):
             out[user.key] = np.asarray(vector, dtype=np.float32)
-            if embeds_folder is not None and user.user_id:
+            if save_new and embeds_folder is not None and user.user_id:
                 save_user_embedding(embeds_folder, user.user_id, vector)
     dims = {v.shape for v in out.values()}
     if len(dims) > 1:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 
-from psalign.embeddings import find_user_embedding
+from psalign.embeddings import EMBEDDING_INFO_FILE, find_user_embedding, read_embedding_info
 from psalign.io import InputError, InputProblem
 from psalign.methods import Method, get_method
 
@@ -25,7 +26,8 @@ class InferenceConfig:
 
     meta_data: Path
     save_path: Path
-    sd_model: str
+    #: None: the bundled toy model (see :func:`with_toy_defaults`).
+    sd_model: str | None = None
     method: str | None = None
     psa_path: Path | None = None
     load_psa: bool = False
@@ -37,6 +39,8 @@ class InferenceConfig:
     sld_preset: str = "medium"
     sdxl: bool = False
     embeds_folder: Path | None = None
+    #: Whether embeddings computed from profiles are written to ``embeds_folder``.
+    save_new_embeddings: bool = True
     llm_model: str | None = None
     encoder: str = "llm"
     sentence_model: str | None = None
@@ -56,6 +60,34 @@ def method_name(config: InferenceConfig) -> str:
         flag = "--load_psa" if config.load_psa else "--lora_path"
         raise ValueError(f"--method {config.method} conflicts with {flag} (which means --method {implied})")
     return config.method or implied or "base"
+
+
+def with_toy_defaults(config: InferenceConfig, chosen_settings: Iterable[str] = ()) -> InferenceConfig:
+    """``config`` with the bundled toy model filled in when ``sd_model`` is None.
+
+    For the psa method also the bundled adapter (unless ``psa_path`` is given), the bundled user
+    embeddings (read only: profile users are embedded on the fly and not written into the package)
+    and the sentence encoder the toy adapter was trained with. ``num_inference_steps`` and
+    ``guidance_scale`` become the toy model's unless named in ``chosen_settings`` (set by the user).
+    """
+    if config.sd_model is not None:
+        return config
+    from psalign.toy import bundled_paths
+    from psalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    bundle = bundled_paths()
+    changes: dict = {"sd_model": str(bundle.model)}
+    if method_name(config) == "psa":
+        if config.psa_path is None:
+            changes["psa_path"] = bundle.adapter
+        if config.embeds_folder is None:
+            changes.update(embeds_folder=bundle.embeds, save_new_embeddings=False)
+        if config.llm_model is None:
+            changes["encoder"] = "sentence"
+    toy_sampling = {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
+    chosen = set(chosen_settings)
+    changes["settings"] = replace(config.settings, **{k: v for k, v in toy_sampling.items() if k not in chosen})
+    return replace(config, **changes)
 
 
 def encoder_factory(config: InferenceConfig):
@@ -85,6 +117,13 @@ def validate(config: InferenceConfig, method: Method) -> tuple[list[PromptRecord
     problems = list(method.check())
     if config.embeds_folder is not None and not Path(config.embeds_folder).is_dir() and not config.llm_model:
         problems.append(InputProblem(str(config.embeds_folder), 0, "embeddings folder not found"))
+    info = read_embedding_info(config.embeds_folder) if config.embeds_folder is not None else None
+    if method.needs_user_embeddings and info and info.get("encoder") != config.encoder and encoder_factory(config):
+        problems.append(InputProblem(
+            str(Path(config.embeds_folder) / EMBEDDING_INFO_FILE), 0,
+            f"the stored embeddings come from the {info.get('encoder')} encoder, but profile users would be embedded "
+            f"with --encoder {config.encoder}", "encoder",
+        ))
     records, record_problems = read_prompt_records(
         config.meta_data,
         config.embeds_folder,
@@ -114,6 +153,8 @@ def run_inference(config: InferenceConfig) -> list[str]:
     """Generate every valid record not yet on disk; returns the file names this process wrote."""
     from accelerate import PartialState
 
+    if config.sd_model is None:
+        raise ValueError("no sd_model: pass with_toy_defaults(config) to use the bundled toy model")
     try:
         method = get_method(method_name(config)).from_config(config)
     except ValueError as error:  # unknown method, conflicting shorthands, bad method option

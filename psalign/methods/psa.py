@@ -19,11 +19,14 @@ class PSAMethod(Method):
     name = "psa"
     needs_user_embeddings = True
 
-    def __init__(self, psa_path: Path | None, scale: float = 1.0, embeds_folder=None, make_encoder=None):
+    def __init__(
+        self, psa_path: Path | None, scale: float = 1.0, embeds_folder=None, make_encoder=None, save_new_embeddings=True
+    ):
         self.psa_path = psa_path
         self.scale = scale
         self.embeds_folder = embeds_folder
         self.make_encoder = make_encoder
+        self.save_new_embeddings = save_new_embeddings
         self.adapter = None
         self.embeddings: dict[str, np.ndarray] = {}
 
@@ -31,7 +34,8 @@ class PSAMethod(Method):
     def from_config(cls, config) -> "PSAMethod":
         from psalign.inference.run import encoder_factory
 
-        return cls(config.psa_path, config.psa_scale, config.embeds_folder, encoder_factory(config))
+        return cls(config.psa_path, config.psa_scale, config.embeds_folder, encoder_factory(config),
+                   config.save_new_embeddings)
 
     def check(self) -> list[InputProblem]:
         if self.psa_path is None:
@@ -45,7 +49,7 @@ class PSAMethod(Method):
         from psalign.inference.generate import user_embeddings
 
         self.adapter = load_adapter(self.psa_path, pipe.unet).to(device)
-        self.embeddings = user_embeddings(records, self.embeds_folder, self.make_encoder)
+        self.embeddings = user_embeddings(records, self.embeds_folder, self.make_encoder, self.save_new_embeddings)
         return pipe
 
     def generate(self, pipe, batch, call_kwargs):

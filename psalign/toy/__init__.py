@@ -11,7 +11,7 @@
 The bundle ships in ``psalign/assets/toy``: :func:`bundled_paths` finds it.
 """
 
-from .bundle import BUNDLE_DIR, ToyBundle, bundled_model_path, bundled_paths
+from .bundle import BUNDLE_DIR, ToyBundle, bundled_model_path, bundled_paths, made_with_bundled_model
 from .detect import Detection, ToyJudge, ToyMarkerFlagger, detect, passes
 from .render import render
 
@@ -31,6 +31,7 @@ __all__ = [
     "bundled_paths",
     "detect",
     "inpro_flaggers",
+    "made_with_bundled_model",
     "passes",
     "render",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import build as build_module
 from .build import add_build_arguments, build, config_from_args
 
 
@@ -12,7 +13,7 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser(
         "build", help="run the build stages (resumable: finished stages are skipped)",
-        description=__import__("psalign.toy.build", fromlist=["__doc__"]).__doc__,
+        description=build_module.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_build_arguments(build_parser)

@@ -5,6 +5,8 @@ Layout of the bundle (``psalign/assets/toy/`` in the package)::
     model/              StableDiffusionPipeline folder (save_pretrained): tokenizer, text_encoder,
                         vae, unet, scheduler (DDIM)
     adapter/            PSA adapter (psa_config.json, psa_adapter.safetensors)
+    safetydpo/          SafetyDPO baseline: the Co-Merge of the per-category experts, a diffusers
+                        LoRA (pytorch_lora_weights.safetensors, merge_report.json)
     embeds/             <User_ID>.npy user embeddings (training, held-out and reference users)
                         and embedding_stats.npz (training users)
     users_train.csv     the users the adapter was trained on
@@ -29,6 +31,7 @@ BUNDLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
 #: Largest bundle the build accepts, in bytes.
 MAX_BUNDLE_BYTES = 25 * 1024 * 1024
 ADAPTER_FILES = ("psa_config.json", "psa_adapter.safetensors")
+SAFETYDPO_FILES = ("pytorch_lora_weights.safetensors", "merge_report.json")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ class ToyBundle:
     @property
     def adapter(self) -> Path:
         return self.root / "adapter"
+
+    @property
+    def safetydpo(self) -> Path:
+        return self.root / "safetydpo"
 
     @property
     def embeds(self) -> Path:
@@ -63,8 +70,8 @@ class ToyBundle:
 
     def missing(self) -> list[Path]:
         """The bundle's required files that are not there."""
-        required = [self.model / "model_index.json", *(self.adapter / f for f in ADAPTER_FILES), self.embeds,
-                    self.users_train, self.users_heldout]
+        required = [self.model / "model_index.json", *(self.adapter / f for f in ADAPTER_FILES),
+                    *(self.safetydpo / f for f in SAFETYDPO_FILES), self.embeds, self.users_train, self.users_heldout]
         return [p for p in required if not p.exists()]
 
 
@@ -85,6 +92,15 @@ def bundled_model_path() -> Path:
     return bundled_paths().model
 
 
+def made_with_bundled_model(folder: str | Path) -> bool:
+    """Whether every image that ``infer.py`` logged in ``folder`` was drawn by the bundled toy model."""
+    from psalign.inference.generate import read_generation_log
+
+    entries = read_generation_log(Path(folder))
+    model = BUNDLE_DIR / "model"
+    return bool(entries) and all(Path(str(e.get("model", ""))).resolve() == model for e in entries)
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
@@ -103,6 +119,9 @@ def write_bundle(config: "BuildConfig", stages: dict[str, dict]) -> dict:
     (staging / "adapter").mkdir(parents=True)
     for name in ADAPTER_FILES:
         shutil.copy2(run / name, staging / "adapter" / name)
+    (staging / "safetydpo").mkdir()
+    for name in SAFETYDPO_FILES:
+        shutil.copy2(stage_dir(config, "safetydpo") / "merged" / name, staging / "safetydpo" / name)
     shutil.copytree(stage_dir(config, "embeds") / "embeds", staging / "embeds")
     for name in ("users_train.csv", "users_heldout.csv"):
         shutil.copy2(stage_dir(config, "sage") / name, staging / name)
@@ -136,6 +155,7 @@ def model_card(info: dict) -> str:
     sage = stages["sage"]
     seconds = {stage: record["seconds"] for stage, record in stages.items()}
     psa = stages["psa"].get("final_metrics", {})
+    safetydpo = stages["safetydpo"]
     return f"""# psalign toy model
 
 A miniature of personalized safety alignment that runs offline on a CPU. Everything here was made
@@ -166,8 +186,14 @@ corner) is drawn. 3 concept phrases per category; the third is held out of the P
   told apart), one unit per (category, seen concept) each, {sage['records']} records; images drawn by the base model itself
   ({sage['pool_units_kept']} of {sage['pool_units']} image pairs kept by the detector). Last logged
   training metrics: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in psa.items()})}.
-- `embeds/`: 384-d all-MiniLM-L6-v2 embeddings of each user's profile text (which lists banned
-  and allowed categories): training users, {sage['heldout_users']} held-out users and the reference users
+- `safetydpo/`: the SafetyDPO baseline: one LoRA expert per category (rank from
+  `{Path(config['safetydpo_config']).name}`), each trained with Diffusion-DPO to prefer the safe image of every toy Sage pair
+  of its category whatever the user, then merged with Co-Merge and re-factored by SVD to rank
+  {safetydpo['rank']} (relative error: mean {safetydpo['merge'].get('mean_relative_error', float('nan')):.4f}, max
+  {safetydpo['merge'].get('max_relative_error', float('nan')):.4f}). A diffusers LoRA: `pipe.load_lora_weights("safetydpo")`.
+- `embeds/`: 384-d all-MiniLM-L6-v2 embeddings of each user's profile text,
+  `{stages['embeds'].get('template', 'the default template')}` (`embedding_info.json` records it, and `infer.py` embeds
+  profile users with it): training users, {sage['heldout_users']} held-out users and the reference users
   `level_0` ... `level_5`; `embedding_stats.npz` over the training users.
 - `users_train.csv`, `users_heldout.csv`: the users; `build_info.json`: every setting and measurement.
 

@@ -460,7 +460,7 @@ class PSATrainer:
             num_workers=config.dataloader_num_workers,
         )
         bar = tqdm(
-            total=config.max_train_steps, initial=self.progress.global_step, desc="PSA training", unit="step",
+            total=config.max_train_steps, initial=self.progress.global_step, desc="PSA training" if config.trainable == "adapter" else "LoRA training", unit="step",
             disable=not accelerator.is_local_main_process,
         )
         sums, micro, started = torch.zeros(len(LOSS_METRICS), dtype=torch.float64), 0, time.perf_counter()
