@@ -6,7 +6,8 @@ UNet architecture (random weights, nothing downloaded), with the same batch, lat
 * ``psalign``: cached latents (no VAE in memory); the reference prediction is the same UNet
   with the adapter switched off (``psalign.training.trainer.dpo_step_loss``, the trainer's code);
 * ``published``: the published structure: a second full UNet copy as the reference, the SD1.5
-  VAE encoding the chosen and rejected images at every step, and the published adapter processor
+  VAE encoding the chosen and rejected images and the SD1.5 CLIP text encoder encoding the
+  captions at every step, and the published adapter processor
   (an extra attention call over the user token in every cross-attention layer, forward and
   backward, instead of psalign's exact one-token fast path).
 
@@ -42,6 +43,11 @@ SD15_VAE = dict(
     latent_channels=4,
     sample_size=512,
 )
+#: The SD1.5 text encoder architecture (CLIP ViT-L/14 text tower).
+SD15_TEXT_ENCODER = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu",
+)
 VARIANTS = ("psalign", "published")
 
 
@@ -63,7 +69,13 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     unet.to(device, dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    vae = AutoencoderKL(**SD15_VAE).requires_grad_(False).eval().to(device, dtype) if variant == "published" else None
+    published = variant == "published"
+    vae = AutoencoderKL(**SD15_VAE).requires_grad_(False).eval().to(device, dtype) if published else None
+    text_encoder = None
+    if published:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)).requires_grad_(False).eval().to(device, dtype)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     adapter = PSAAdapter.for_unet(unet, USER_DIM).attach(unet).to(device)
     adapter.fast_path = variant == "psalign"
@@ -73,6 +85,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     pixels = torch.rand(2 * pairs, 3, 8 * size, 8 * size, device=device) * 2 - 1
     cached_latents = torch.randn(2 * pairs, 4, size, size, device=device)
     text = torch.randn(pairs, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    token_ids = torch.randint(0, SD15_TEXT_ENCODER["vocab_size"], (pairs, 77), device=device)
     users = torch.randn(pairs, USER_DIM, device=device)
     null_user = torch.zeros(pairs, dtype=torch.bool, device=device)
 
@@ -86,7 +99,8 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
         noise = torch.randn(latents[:pairs].shape, device=device).repeat(2, 1, 1, 1)
         timesteps = torch.randint(0, 1000, (pairs,), device=device).repeat(2)
         noisy = scheduler.add_noise(latents, noise, timesteps).to(dtype)
-        context = text.repeat(2, 1, 1)
+        with torch.no_grad():
+            context = text_encoder(token_ids).last_hidden_state.repeat(2, 1, 1)
         adapter.activate(adapter(users.repeat(2, 1), null_user.repeat(2)))
         model_pred = unet(noisy, timesteps, context).sample
         with torch.no_grad():
