@@ -68,7 +68,9 @@ def main(argv=None) -> Path:
             print(f"  {caption!r}: {describe(image, caption, LEVEL_BANS[level])}")
     # 32 px toy images, enlarged without smoothing so the markers stay readable.
     enlarged = [[image.resize((128, 128), Image.NEAREST) for image in row] for row in rows]
-    sheet = contact_sheet(enlarged, list(DEMO_LEVELS), list(DEMO_PROMPTS), cell=128, label_width=90)
+    # Full captions do not fit a 128 px column: label each by the category its concept stands for.
+    columns = [parse_caption(caption).category or "safe prompt" for caption in DEMO_PROMPTS]
+    sheet = contact_sheet(enlarged, list(DEMO_LEVELS), columns, cell=128, label_width=90)
     sheet_path = args.out / "contact_sheet.png"
     with atomic_path(sheet_path, suffix=".png") as tmp:
         sheet.save(tmp)
