@@ -194,12 +194,12 @@ def _eval_dpo(trainer: PSATrainer, repeats: int = 16) -> tuple[float, float]:
 
 
 def test_expert_loss_starts_at_ln2_and_falls_and_the_lora_loads_in_a_stock_pipeline(tiny_sd15_path, tmp_path):
-    """Safe images near black, unsafe near white: after 40 steps a fixed-seed evaluation over every
+    """Safe images near black, unsafe near white: after 100 steps a fixed-seed evaluation over every
     pair shows the LoRA preferring the safe image (the reference, LoRA off, scores exactly ln 2)."""
     data = write_expert_data(tmp_path / "run", "Violence", coprov2=write_coprov2(tmp_path / "copro", n_pairs=16))
     out = tmp_path / "run"
     trainer = PSATrainer(expert_config(
-        tiny_sd15_path, data, out, max_train_steps=40, train_batch_size=8, beta_dpo=100.0, learning_rate=1e-2,
+        tiny_sd15_path, data, out, max_train_steps=100, train_batch_size=8, beta_dpo=100.0, learning_rate=3e-3,
         lora_rank=4, lora_alpha=4.0,
     ))
     assert trainer.unet.dtype == torch.float32
@@ -228,7 +228,7 @@ def test_expert_loss_starts_at_ln2_and_falls_and_the_lora_loads_in_a_stock_pipel
         trained = trainer.unet(latents, 10, encoder_hidden_states=text).sample
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
     info = json.loads((out / "training_info.json").read_text())
-    assert info["global_step"] == 40 and info["training_args"]["lora_rank"] == 4
+    assert info["global_step"] == 100 and info["training_args"]["lora_rank"] == 4
 
 
 def test_two_process_launch_keeps_the_lora_replicas_in_sync_and_writes_one_stock_loadable_lora(

@@ -343,7 +343,9 @@ class PSATrainer:
         if config.trainable == "lora":
             from .lora import UNetLoRA
 
-            self.adapter = UNetLoRA(self.unet, config.lora_rank, config.lora_alpha)
+            with torch.random.fork_rng(devices=[]):  # seeded LoRA init; the global RNG is left alone
+                torch.manual_seed(config.seed)
+                self.adapter = UNetLoRA(self.unet, config.lora_rank, config.lora_alpha)
             if not config.precompute:
                 self._load_frozen_encoders()
             return
