@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write a safety-vs-quality chart across levels here (needs matplotlib)")
 
     inpro = parser.add_argument_group("InPro")
-    inpro.add_argument("--inpro_classifiers", type=_names, default=None,
+    inpro.add_argument("--inpro_classifiers", type=_names, default=argparse.SUPPRESS,
                        help=f"classifiers combined with OR, from {','.join([*INPRO_FLAGGERS, 'toy'])} (default: "
                             f"{','.join(INPRO_FLAGGERS)}; toy when every folder was drawn by the bundled toy model)")
     inpro.add_argument("--q16_clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP ViT-L/14 hub id or local folder")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.inpro_classifiers is None:
+    if "inpro_classifiers" not in vars(args):
         args.inpro_classifiers = list(INPRO_FLAGGERS)
         if all(made_with_bundled_model(folder) for folder in args.target_folder):
             args.inpro_classifiers = ["toy"]
