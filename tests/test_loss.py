@@ -37,6 +37,28 @@ def test_dpo_loss_gradient_lowers_the_chosen_error():
     assert m_w.grad.item() == pytest.approx(1.0) and m_l.grad.item() == pytest.approx(-1.0)
 
 
+def test_chosen_weight_adds_the_chosen_error_gap():
+    m_w, m_l = torch.tensor([0.10, 0.30]), torch.tensor([0.20, 0.10])
+    r_w, r_l = torch.tensor([0.15, 0.20]), torch.tensor([0.15, 0.20])
+    # as in the hand computation above, plus 2.0 * mean(m_w - r_w) = 2.0 * mean([-0.05, 0.10]) = 0.05
+    expected_loss = 0.5 * (math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(1.0))) + 0.05
+    out = dpo_loss(m_w, m_l, r_w, r_l, beta=10.0, chosen_weight=2.0)
+    assert out.loss.item() == pytest.approx(expected_loss, rel=1e-6)
+    assert out.chosen_mse_gap.item() == pytest.approx(0.025)
+    assert out.metrics()["chosen_mse_gap"] == pytest.approx(0.025)
+    assert dpo_loss(m_w, m_l, r_w, r_l, beta=10.0).chosen_mse_gap.item() == pytest.approx(0.025)
+
+
+def test_chosen_weight_resists_both_errors_rising_together():
+    # DPO alone cannot tell a common rise of both errors from no change; the anchor can
+    for weight, chosen_grad in ((0.0, 1.0), (3.0, 4.0)):
+        m_w = torch.tensor([0.2], requires_grad=True)
+        m_l = torch.tensor([0.2], requires_grad=True)
+        dpo_loss(m_w, m_l, torch.tensor([0.2]), torch.tensor([0.2]), beta=4.0, chosen_weight=weight).loss.backward()
+        assert m_w.grad.item() == pytest.approx(chosen_grad) and m_l.grad.item() == pytest.approx(-1.0)
+        assert (m_w.grad + m_l.grad).item() == pytest.approx(weight)
+
+
 def test_loss_is_ln2_when_model_equals_reference():
     pred = torch.randn(6, 4, 8, 8)
     out = diffusion_dpo_loss(pred, pred.clone(), torch.randn_like(pred), beta=5000.0)

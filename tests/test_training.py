@@ -84,7 +84,7 @@ def test_sd15_run_writes_a_loadable_adapter_checkpoints_and_a_validation_grid(ti
     assert sorted(metrics) == [1, 2, 3]
     for row in metrics.values():
         assert all(math.isfinite(row[k]) for k in ("loss", "implicit_acc", "model_mse", "ref_mse", "reward_margin",
-                                                    "lr", "grad_norm", "pairs_per_second"))
+                                                    "chosen_mse_gap", "lr", "grad_norm", "pairs_per_second"))
     assert metrics[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero-initialised adapter = reference
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
     from PIL import Image
@@ -281,17 +281,23 @@ def test_text_and_user_dropout_are_drawn_once_per_pair_at_their_rates(
     assert all(len(t) == 8 for t in texts)  # one draw per pair; chosen and rejected reuse it
 
 
-def test_chosen_and_rejected_share_noise_and_timestep(tiny_sd15_path):
-    """Identical chosen and rejected latents give identical errors (loss ln 2) only if their noise
-    and timesteps are shared, even with a trained (random) adapter."""
+def unet_with_random_adapter(model_path: Path):
+    """The tiny UNet (frozen), its scheduler and an attached adapter with random (trained-like) weights."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd15_path, subfolder="unet").requires_grad_(False)
-    scheduler = DDPMScheduler.from_pretrained(tiny_sd15_path, subfolder="scheduler")
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet").requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler")
     adapter = PSAAdapter.for_unet(unet, USER_DIM).attach(unet)
     with torch.no_grad():
         for param in adapter.parameters():
             param.normal_(0, 0.3)
+    return unet, scheduler, adapter
+
+
+def test_chosen_and_rejected_share_noise_and_timestep(tiny_sd15_path):
+    """Identical chosen and rejected latents give identical errors (loss ln 2) only if their noise
+    and timesteps are shared, even with a trained (random) adapter."""
+    unet, scheduler, adapter = unet_with_random_adapter(tiny_sd15_path)
     latents = torch.randn(3, 4, 8, 8)
     out = trainer_module.dpo_step_loss(
         unet, adapter, adapter, scheduler, torch.cat([latents, latents]), TextConditioning(torch.randn(3, 77, 32)),
@@ -299,6 +305,28 @@ def test_chosen_and_rejected_share_noise_and_timestep(tiny_sd15_path):
     )
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)  # unshared noise: off by ~1e-2
     assert out.model_mse.item() != pytest.approx(out.reference_mse.item(), abs=1e-6)  # the adapter acts
+
+
+def test_chosen_loss_weight_adds_the_chosen_error_gap_to_the_step_loss(
+    tiny_sd15_path, training_set, tmp_path, monkeypatch
+):
+    unet, scheduler, adapter = unet_with_random_adapter(tiny_sd15_path)
+    inputs = (torch.randn(6, 4, 8, 8), TextConditioning(torch.randn(3, 77, 32)), None,
+              torch.randn(3, USER_DIM), torch.zeros(3, dtype=torch.bool))
+    losses = {}
+    for weight in (0.0, 4.0):
+        torch.manual_seed(1)  # the same noise and timesteps for both weights
+        losses[weight] = trainer_module.dpo_step_loss(unet, adapter, adapter, scheduler, *inputs, 1.0, weight)
+    gap = losses[0.0].chosen_mse_gap.item()
+    assert gap != pytest.approx(0.0, abs=1e-6)
+    assert losses[4.0].loss.item() == pytest.approx(losses[0.0].loss.item() + 4.0 * gap, rel=1e-6)
+
+    data, embeds = training_set  # the trainer passes the configured weight to every step
+    trainer = PSATrainer(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "run", chosen_loss_weight=2.5))
+    captured = []
+    monkeypatch.setattr(trainer_module, "dpo_step_loss", lambda *args: captured.append(args))
+    trainer._micro_step(collate_pairs([trainer.dataset[(0, i)] for i in range(2)]))
+    assert captured[0][9:] == (trainer.config.beta_dpo, 2.5)
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -59,11 +59,12 @@ def test_bad_yaml_values_are_reported_with_file_line_and_field(tmp_path):
 
 def test_missing_and_out_of_range_arguments_name_their_flags():
     with pytest.raises(InputError) as err:
-        load_training_config(None, {"proportion_empty_prompts": 1.5, "output_dir": "o"})
+        load_training_config(None, {"proportion_empty_prompts": 1.5, "chosen_loss_weight": -1, "output_dir": "o"})
     text = str(err.value)
     for name in ("pretrained_model", "train_data", "embeds_folder"):
         assert f"defaults: {name}: required" in text
     assert "command line: --proportion_empty_prompts: must be in [0, 1), got 1.5" in text
+    assert "command line: --chosen_loss_weight: must be >= 0, got -1.0" in text
     with pytest.raises(InputError, match="validation_prompts: validation_steps is set but there are no"):
         load_training_config(None, {**REQUIRED, "validation_steps": 10})
 

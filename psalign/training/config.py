@@ -76,6 +76,11 @@ class TrainingConfig:
     lora_alpha: float = _arg(4.0, "LoRA alpha; the update is scaled by alpha / rank (trainable lora)")
     num_user_tokens: int = _arg(1, "user tokens per user embedding (1: the exact fast path)")
     beta_dpo: float = _arg(5000.0, "Diffusion-DPO beta")
+    chosen_loss_weight: float = _arg(
+        0.0,
+        "weight of the chosen images' denoising error (model minus reference) added to the Diffusion-DPO loss; "
+        "keeps the model from winning by denoising both images worse (0: the published loss)",
+    )
     proportion_empty_prompts: float = _arg(0.2, "fraction of pairs trained with the empty prompt (text dropout)")
     user_dropout: float = _arg(0.1, "fraction of pairs trained with the null user (the guidance branch's user)")
     # ---- optimisation
@@ -185,7 +190,7 @@ def _range_problems(config: TrainingConfig) -> list[tuple[str, str]]:
     for name in positive:
         if getattr(config, name) < 1:
             problems.append((name, f"must be >= 1, got {getattr(config, name)}"))
-    for name in ("lr_warmup_steps", "validation_steps", "dataloader_num_workers"):
+    for name in ("lr_warmup_steps", "validation_steps", "dataloader_num_workers", "chosen_loss_weight"):
         if getattr(config, name) < 0:
             problems.append((name, f"must be >= 0, got {getattr(config, name)}"))
     for name in ("learning_rate", "beta_dpo", "max_grad_norm", "lora_alpha"):

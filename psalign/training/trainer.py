@@ -36,7 +36,7 @@ from accelerate.tracking import GeneralTracker
 from psalign.adapter import PSAAdapter
 from psalign.embeddings import load_embedding_stats, load_user_embedding
 from psalign.io import InputError, InputProblem, atomic_write
-from psalign.loss import DPOLossOutput, diffusion_dpo_loss, regression_target
+from psalign.loss import LOSS_METRICS, DPOLossOutput, diffusion_dpo_loss, regression_target
 
 from . import checkpoints
 from .conditioning import (
@@ -61,9 +61,8 @@ from .precompute import (
 )
 from .validation import grid_array, save_grid, validation_grid, validation_pipeline
 
+#: Every optimizer step logs :data:`psalign.loss.LOSS_METRICS` plus ``lr``, ``grad_norm`` and ``pairs_per_second``.
 METRICS_FILE = Path("logs") / "metrics.jsonl"
-#: Logged every optimizer step (plus ``lr``, ``grad_norm`` and ``pairs_per_second``).
-LOSS_METRICS = ("loss", "implicit_acc", "model_mse", "ref_mse", "reward_margin")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -224,8 +223,9 @@ def dpo_step_loss(
     user_embeds: torch.Tensor | None,
     null_user: torch.Tensor | None,
     beta: float,
+    chosen_weight: float = 0.0,
 ) -> DPOLossOutput:
-    """Diffusion-DPO loss of one micro-batch of B pairs.
+    """Diffusion-DPO loss of one micro-batch of B pairs (:func:`psalign.loss.dpo_loss`'s ``beta`` and ``chosen_weight``).
 
     ``latents`` (2B, C, h, w) are ``[chosen; rejected]``; ``text`` (B rows, after dropout),
     ``time_ids`` (B, 6) or None, ``user_embeds`` (B, D) and ``null_user`` (B,) are per pair (both
@@ -251,7 +251,9 @@ def dpo_step_loss(
     with adapter.disabled(), torch.no_grad():
         reference_pred = unet(noisy, timesteps, **kwargs).sample
     target = regression_target(noise_scheduler, latents, noise, timesteps)
-    return diffusion_dpo_loss(model_pred.float(), reference_pred.float(), target.float(), beta=beta)
+    return diffusion_dpo_loss(
+        model_pred.float(), reference_pred.float(), target.float(), beta=beta, chosen_weight=chosen_weight
+    )
 
 
 class JSONLinesTracker(GeneralTracker):
@@ -432,7 +434,7 @@ class PSATrainer:
         text = text.where(drop_text, self._empty_text())
         return dpo_step_loss(
             self.unet, self.adapter_module, self.adapter, self.noise_scheduler, latents, text, time_ids,
-            user_embeds, null_user, config.beta_dpo,
+            user_embeds, null_user, config.beta_dpo, config.chosen_loss_weight,
         )
 
     # ------------------------------------------------------------------ run
@@ -470,10 +472,7 @@ class PSATrainer:
             batch = next(stream)
             with accelerator.accumulate(self.adapter_module):
                 out = self._micro_step(batch)
-                values = torch.stack(
-                    [out.loss.detach(), out.implicit_accuracy, out.model_mse, out.reference_mse, out.reward_margin]
-                ).float()
-                values = accelerator.reduce(values, reduction="mean")
+                values = accelerator.reduce(out.stacked(), reduction="mean")
                 micro += 1
                 if not torch.isfinite(values[0]):
                     self._stop_non_finite(float(values[0]), micro)
