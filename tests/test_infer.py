@@ -105,7 +105,7 @@ def test_every_bad_line_is_reported_before_loading_a_model(setup, tmp_path, monk
     assert not (tmp_path / "out").exists()
 
 
-def test_generation_log_seeds_and_resume_after_interruption(setup, tmp_path, monkeypatch):
+def test_generation_log_seeds_and_resume_after_interruption(setup, tmp_path, monkeypatch, capsys):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     out = tmp_path / "out"
     import psalign.inference.generate as generate
@@ -127,6 +127,15 @@ def test_generation_log_seeds_and_resume_after_interruption(setup, tmp_path, mon
     before = {name: (out / name).stat().st_mtime_ns for name in done}
 
     monkeypatch.setattr(generate, "atomic_path", real_save)
+    # resuming with other sampling settings would mix two runs: refused before a model is loaded
+    with monkeypatch.context() as patch:
+        patch.setattr("psalign.inference.pipeline.load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+        assert infer.main([*args(setup, prompts, out), "--guidance_scale", "5.0"]) == 2
+    err = capsys.readouterr().err
+    for line, name in ((1, "a.png"), (2, "b.png")):
+        assert f"generation_log.rank0.jsonl:{line}: guidance_scale: {name} was made with 3.0; this run uses 5.0" in err
+    assert "--overwrite" in err
+    assert {name: (out / name).stat().st_mtime_ns for name in done} == before
     assert infer.main(args(setup, prompts, out)) == 0
     assert {p.relative_to(out).as_posix() for p in out.rglob("*.png")} == {"a.png", "b.png", "sub/c.png", "d.png"}
     assert {name: (out / name).stat().st_mtime_ns for name in done} == before  # not regenerated

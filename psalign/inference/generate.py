@@ -22,7 +22,7 @@ from psalign.embeddings import (
     read_embedding_info,
     save_user_embedding,
 )
-from psalign.io import atomic_path, atomic_write
+from psalign.io import InputError, InputProblem, atomic_path, atomic_write
 
 from .grid import contact_sheet
 from .records import PromptRecord
@@ -111,7 +111,7 @@ def generate_images(
     image atomically under ``save_path``.
 
     Existing images are skipped unless ``overwrite`` (an interrupted run resumes where it
-    stopped). One JSON line per image (file, caption, user, seed, sampling settings, method and
+    stopped; :func:`check_resumable` first makes sure they were made the same way). One JSON line per image (file, caption, user, seed, sampling settings, method and
     its parameters, ``run_info``) is appended to ``log_name`` in ``save_path``. Returns the file
     names written.
     """
@@ -119,11 +119,12 @@ def generate_images(
 
     method = method or get_method("base")()
     save_path = Path(save_path)
+    log_fields = generation_log_fields(settings, method, run_info)
+    if not overwrite:
+        check_resumable(save_path, records, log_fields)
     todo = [r for r in records if overwrite or not (save_path / r.file_name).exists()]
     written = []
     size = {k: v for k, v in (("height", settings.height), ("width", settings.width)) if v is not None}
-    log_fields = {**asdict(settings), "run_seed": settings.seed, "method": method.name, **method.log_params(),
-                  **(run_info or {})}
     with tqdm(total=len(todo), desc="images", unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -145,6 +146,42 @@ def generate_images(
             _append_log(save_path / log_name, batch, seeds, log_fields)
             bar.update(len(batch))
     return written
+
+
+def generation_log_fields(settings: GenerationSettings, method: "Method", run_info: dict | None = None) -> dict:
+    """What every log line of a run records besides the file's own name, caption, user and seed."""
+    return {**asdict(settings), "run_seed": settings.seed, "method": method.name, **method.log_params(),
+            **(run_info or {})}
+
+
+def check_resumable(save_path: str | Path, records: Sequence[PromptRecord], log_fields: dict) -> None:
+    """Raise :class:`InputError` when an image of ``records`` already in ``save_path`` was logged
+    with other settings, method parameters or model than ``log_fields`` (resuming would mix two
+    runs in one folder). Reads ``generation_log.jsonl`` and unmerged per-process parts."""
+    save_path = Path(save_path)
+    kept = {r.file_name for r in records if (save_path / r.file_name).exists()}
+    if not kept:
+        return
+    expected = json.loads(json.dumps({k: v for k, v in log_fields.items() if k != "seed"}))  # as logged
+    problems = []
+    for path in sorted(save_path.glob("generation_log*.jsonl")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            entry = json.loads(line) if line.strip() else {}
+            if entry.get("file_name") not in kept:
+                continue
+            for key, value in expected.items():
+                if key in entry and entry[key] != value:
+                    problems.append(InputProblem(
+                        str(path), number, f"{entry['file_name']} was made with {entry[key]!r}; this run uses {value!r}",
+                        key,
+                    ))
+    if problems:
+        shown = problems[:10] + ([InputProblem(str(save_path), 0, f"... and {len(problems) - 10} more")]
+                                 if len(problems) > 10 else [])
+        raise InputError(shown, header=(
+            f"{save_path} holds images made with other settings: resuming would mix two runs "
+            "(use another --save_path, or --overwrite to redraw them)"
+        ))
 
 
 def _append_log(path: Path, batch: Sequence[PromptRecord], seeds: Sequence[int], fields: dict) -> None:

@@ -15,7 +15,16 @@ from psalign.embeddings import EMBEDDING_INFO_FILE, find_user_embedding, read_em
 from psalign.io import InputError, InputProblem
 from psalign.methods import Method, get_method
 
-from .generate import GenerationSettings, generate_images, merge_generation_logs, shard, user_embeddings, write_grids
+from .generate import (
+    GenerationSettings,
+    check_resumable,
+    generate_images,
+    generation_log_fields,
+    merge_generation_logs,
+    shard,
+    user_embeddings,
+    write_grids,
+)
 from .records import PromptRecord, read_prompt_records
 
 
@@ -160,11 +169,14 @@ def run_inference(config: InferenceConfig) -> list[str]:
     except ValueError as error:  # unknown method, conflicting shorthands, bad method option
         raise InputError([InputProblem("--method", 0, str(error))], header="bad method options") from None
     records, problems = validate(config, method)
+    run_info = {"model": str(config.sd_model)}
     if problems:
         error = InputError(problems, header=f"{len(problems)} problem(s) in the inputs")
         if not config.skip_invalid:
             raise error
         print(f"{error}\n(--skip_invalid: going on with the {len(records)} valid record(s))", file=sys.stderr)
+    if not config.overwrite:  # before any model is loaded
+        check_resumable(config.save_path, records, generation_log_fields(config.settings, method, run_info))
     state = PartialState(cpu=config.device == "cpu")
     device = config.device or str(state.device)
     dtype = getattr(torch, config.dtype) if config.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
@@ -184,7 +196,7 @@ def run_inference(config: InferenceConfig) -> list[str]:
         batch_size=config.batch_size,
         method=method,
         overwrite=config.overwrite,
-        run_info={"model": str(config.sd_model)},
+        run_info=run_info,
         log_name=part,
         progress=state.is_main_process,
     )
