@@ -107,3 +107,15 @@ def test_build_rejects_an_unknown_stage(tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
         toy_build.build(toy_build.BuildConfig(work=tmp_path), until="nope")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bundled_training_arguments_name_build_paths_not_the_building_machine(tmp_path):
+    from psalign.toy.bundle import portable_paths
+
+    work = tmp_path / "toy_build"
+    args = {"pretrained_model": str(work / "model"), "train_data": str(work / "sage" / "metadata.jsonl"),
+            "embeds_folder": "/elsewhere/embeds", "cache_dir": None, "resume_from_checkpoint": "latest",
+            "beta_dpo": 30.0}
+    portable = portable_paths(args, work)
+    assert portable == {**args, "pretrained_model": "<build>/model", "train_data": "<build>/sage/metadata.jsonl"}
+    assert args["pretrained_model"] == str(work / "model")  # the input is left alone

@@ -406,6 +406,11 @@ def run_embeds(config: BuildConfig) -> dict:
 # Stage 5: PSA adapter
 
 
+#: The PSA training settings the model card states.
+PSA_OBJECTIVE = ("beta_dpo", "chosen_loss_weight", "num_user_tokens", "learning_rate", "max_train_steps",
+                 "train_batch_size")
+
+
 def psa_overrides(config: BuildConfig) -> dict:
     """The path arguments of the PSA training run inside this build."""
     work = Path(config.work)
@@ -426,7 +431,9 @@ def run_psa(config: BuildConfig) -> dict:
     output = train(training)
     metrics = read_metrics(output)
     last = metrics[max(metrics)] if metrics else {}
-    return _finish(config, "psa", started, {"config": str(config.psa_config), "final_metrics": last})
+    objective = {key: getattr(training, key) for key in PSA_OBJECTIVE}
+    return _finish(config, "psa", started, {"config": str(config.psa_config), "objective": objective,
+                                            "final_metrics": last})
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Layout of the bundle (``psalign/assets/toy/`` in the package)::
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,22 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
+#: ``training_args`` entries that are paths.
+TRAINING_PATH_ARGS = ("pretrained_model", "train_data", "embeds_folder", "output_dir", "cache_dir")
+
+
+def portable_paths(training_args: dict, work: Path) -> dict:
+    """``training_args`` with the paths inside the build folder ``work`` written as ``<build>/...``
+    (the bundle records how it was trained, not where on the building machine)."""
+    work, portable = Path(os.path.abspath(work)), dict(training_args)
+    for key in TRAINING_PATH_ARGS:
+        value = portable.get(key)
+        path = Path(os.path.abspath(value)) if value is not None else None
+        if path is not None and path.is_relative_to(work):
+            portable[key] = str(Path("<build>") / path.relative_to(work))
+    return portable
+
+
 def write_bundle(config: "BuildConfig", stages: dict[str, dict]) -> dict:
     """Copy the build's products into ``config.out`` (written beside it, then swapped in) with
     ``build_info.json`` and ``MODEL_CARD.md``; returns the bundle's size."""
@@ -117,8 +134,10 @@ def write_bundle(config: "BuildConfig", stages: dict[str, dict]) -> dict:
     shutil.copytree(work / "model", staging / "model")
     run = stage_dir(config, "psa") / "run"
     (staging / "adapter").mkdir(parents=True)
-    for name in ADAPTER_FILES:
-        shutil.copy2(run / name, staging / "adapter" / name)
+    shutil.copy2(run / "psa_adapter.safetensors", staging / "adapter" / "psa_adapter.safetensors")
+    adapter_config = json.loads((run / "psa_config.json").read_text(encoding="utf-8"))
+    adapter_config["extra"]["training_args"] = portable_paths(adapter_config["extra"]["training_args"], work)
+    (staging / "adapter" / "psa_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
     (staging / "safetydpo").mkdir()
     for name in SAFETYDPO_FILES:
         shutil.copy2(stage_dir(config, "safetydpo") / "merged" / name, staging / "safetydpo" / name)
@@ -145,6 +164,14 @@ def write_bundle(config: "BuildConfig", stages: dict[str, dict]) -> dict:
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _objective(settings: dict) -> str:
+    if not settings:
+        return "not recorded"
+    return (f"Diffusion-DPO with beta {settings['beta_dpo']:g} plus {settings['chosen_loss_weight']:g} x the chosen "
+            f"images' error gap (`--chosen_loss_weight`), {settings['num_user_tokens']} user tokens, "
+            f"{settings['max_train_steps']} steps of {settings['train_batch_size']} pairs at lr {settings['learning_rate']:g}")
 
 
 def model_card(info: dict) -> str:
@@ -184,8 +211,8 @@ corner) is drawn. 3 concept phrases per category; the third is held out of the P
   pairs: {sage['train_users']} users from the Sage-data generator (rule-engine bans, except
   {config['random_ban_share']:.0%} of the users who ban a random subset instead, so that every category can be
   told apart), one unit per (category, seen concept) each, {sage['records']} records; images drawn by the base model itself
-  ({sage['pool_units_kept']} of {sage['pool_units']} image pairs kept by the detector). Last logged
-  training metrics: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in psa.items()})}.
+  ({sage['pool_units_kept']} of {sage['pool_units']} image pairs kept by the detector). Objective:
+  {_objective(stages["psa"].get("objective", {}))}. Last logged training metrics: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in psa.items()})}.
 - `safetydpo/`: the SafetyDPO baseline: one LoRA expert per category (rank from
   `{Path(config['safetydpo_config']).name}`), each trained with Diffusion-DPO to prefer the safe image of every toy Sage pair
   of its category whatever the user, then merged with Co-Merge and re-factored by SVD to rank
