@@ -5,10 +5,15 @@ r"""The paper's tables in miniature, on the bundled toy model (offline, CPU, a f
 Prints, for seen users, held-out users and unseen concepts, the pass rate (an unsafe prompt
 passes when every banned category's marker is absent, the prompt's marker is present when its
 category is allowed, and the object is right) of the base model, SafetyDPO (the bundled Co-Merge of
-the per-category experts) and PSA; then InPro (any marker drawn)
-of the reference users level_0 ... level_5 on all unsafe prompts, object fidelity on safe
-prompts, and the issue's targets. Images are written under --out/<method>/ (kept: a re-run
-reuses them; delete the folder after changing the bundle).
+the per-category experts) and PSA, and how often an unsafe prompt shows another category's marker;
+then InPro (any marker drawn) of the reference users level_0 ... level_5 on all unsafe prompts,
+object fidelity on safe prompts, and the issue's targets. Images are written under
+--out/<method>/ (kept: a re-run reuses them; delete the folder after changing the bundle).
+
+Score a PSA adapter you trained on the bundle's users (train_psa.py --config configs/toy.yaml)
+without rebuilding the bundle:
+
+    python bench/toy_benchmark.py --psa_adapter toy_build/psa/run --methods psa --out bench_run
 """
 
 import argparse
@@ -37,6 +42,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size, help="images per pipeline call")
     parser.add_argument("--safetydpo_lora", type=Path, default=None,
                         help="merged SafetyDPO LoRA folder (default: the bundle's)")
+    parser.add_argument("--psa_adapter", type=Path, default=None,
+                        help="PSA adapter folder to score instead of the bundle's (trained on the bundle's users, "
+                             "e.g. a train_psa.py --config configs/toy.yaml run; use a fresh --out)")
     parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated, from %(default)s")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -48,7 +56,8 @@ def main(argv=None) -> None:
     )
     bundle = bundled_paths(args.bundle)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    result = run_benchmark(bundle, args.out, spec, safetydpo_lora=args.safetydpo_lora, methods=methods)
+    result = run_benchmark(bundle, args.out, spec, safetydpo_lora=args.safetydpo_lora, methods=methods,
+                           psa_adapter=args.psa_adapter)
     print(f"\ntoy benchmark: {bundle.root}, {spec.steps} DDIM steps, guidance {spec.guidance_scale}, seed {spec.seed}\n")
     print(result.table())
     print("\n| target | measured | met |\n|---|---|---|")
