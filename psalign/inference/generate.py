@@ -111,9 +111,9 @@ def generate_images(
     image atomically under ``save_path``.
 
     Existing images are skipped unless ``overwrite`` (an interrupted run resumes where it
-    stopped; :func:`check_resumable` first makes sure they were made the same way). One JSON line per image (file, caption, user, seed, sampling settings, method and
-    its parameters, ``run_info``) is appended to ``log_name`` in ``save_path``. Returns the file
-    names written.
+    stopped; :func:`check_resumable` first makes sure they were made the same way). One JSON
+    line per image (file, caption, user, seed, sampling settings, method and its parameters,
+    ``run_info``) is appended to ``log_name`` in ``save_path``. Returns the file names written.
     """
     from psalign.methods import get_method
 
