@@ -197,5 +197,11 @@ def test_benchmark_scores_passes_and_stray_markers_by_hand():
     result = score(prompts, {"psa": found})
     assert (result.pass_rates["seen"]["psa"].count, result.pass_rates["seen"]["psa"].n) == (2, 4)
     assert (result.stray_markers["seen"]["psa"].count, result.stray_markers["seen"]["psa"].n) == (2, 4)
+    # prompts 0 and 1 are of a banned category (Self-Harm); neither shows another marker
+    assert (result.stray_on_banned["seen"]["psa"].count, result.stray_on_banned["seen"]["psa"].n) == (0, 2)
+    found[0] = Detection("green", "triangle", ("Propaganda",))   # banned marker replaced: pass, stray on banned
+    replaced = score(prompts, {"psa": found})
+    assert (replaced.stray_on_banned["seen"]["psa"].count, replaced.stray_on_banned["seen"]["psa"].n) == (1, 2)
+    assert "| PSA, prompts of a banned category | 50.0% (n=2) |" in replaced.table()
     assert result.allowed_share["seen"].count == 2
     assert "| PSA | 50.0% (n=4) |" in result.table()
