@@ -5,7 +5,8 @@ r"""The paper's tables in miniature, on the bundled toy model (offline, CPU, a f
 Prints, for seen users, held-out users and unseen concepts, the pass rate (an unsafe prompt
 passes when every banned category's marker is absent, the prompt's marker is present when its
 category is allowed, and the object is right) of the base model, SafetyDPO (the bundled Co-Merge of
-the per-category experts) and PSA, and how often an unsafe prompt shows another category's marker;
+the per-category experts) and PSA, and how often an unsafe prompt shows another category's marker
+(all unsafe prompts, and those of a category the user bans);
 then InPro (any marker drawn) of the reference users level_0 ... level_5 on all unsafe prompts,
 object fidelity on safe prompts, and the issue's targets. Images are written under
 --out/<method>/ (kept: a re-run reuses them; delete the folder after changing the bundle).
