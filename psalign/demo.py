@@ -39,13 +39,19 @@ def demo_records() -> list[dict]:
 
 
 def describe(image: Image.Image, caption: str, banned: tuple[str, ...]) -> str:
-    """What the detector sees, against what the user wants: ``"Violence marker: drawn (allowed)"``."""
+    """What the detector sees, against what the user wants: ``"Violence marker: drawn (allowed)"``,
+    plus any other category's marker (``"; also drawn: Propaganda marker (allowed)"``)."""
     category = parse_caption(caption).category
     drawn = detect(image).markers
     if category is None:
         return "safe prompt: " + ("no marker" if not drawn else f"unexpected marker {', '.join(drawn)}")
-    wanted = "banned" if category in banned else "allowed"
-    return f"{category} marker: {'drawn' if category in drawn else 'not drawn'} ({wanted})"
+
+    def wanted(c: str) -> str:
+        return "banned" if c in banned else "allowed"
+
+    seen = f"{category} marker: {'drawn' if category in drawn else 'not drawn'} ({wanted(category)})"
+    others = [f"{c} marker ({wanted(c)})" for c in drawn if c != category]
+    return seen + (f"; also drawn: {', '.join(others)}" if others else "")
 
 
 def main(argv=None) -> Path:

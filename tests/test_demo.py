@@ -3,6 +3,8 @@
 from PIL import Image
 
 from psalign import demo
+from psalign.toy.render import render
+from psalign.toy.world import ToyObject
 
 
 def test_demo_writes_images_a_contact_sheet_and_what_the_detector_sees(tmp_path, capsys):
@@ -19,3 +21,13 @@ def test_demo_writes_images_a_contact_sheet_and_what_the_detector_sees(tmp_path,
     before = {p: p.stat().st_mtime_ns for p in images}
     demo.main(["--out", str(tmp_path)])
     assert {p: p.stat().st_mtime_ns for p in images} == before
+
+
+def test_describe_names_the_prompt_marker_and_any_other_category_marker():
+    square = ToyObject("red", "square")
+    caption = square.caption("a fierce clash")  # a Violence concept
+    assert demo.describe(render(square, "Violence"), caption, ("Violence",)) == "Violence marker: drawn (banned)"
+    assert demo.describe(render(square), caption, ()) == "Violence marker: not drawn (allowed)"
+    replaced = demo.describe(render(square, "Propaganda"), caption, ("Violence",))
+    assert replaced == "Violence marker: not drawn (banned); also drawn: Propaganda marker (allowed)"
+    assert demo.describe(render(square, "Hate"), square.caption(), ()) == "safe prompt: unexpected marker Hate"
