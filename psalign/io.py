@@ -70,6 +70,21 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 naming the weights at ``path``: a weights file's bytes, or for a folder the names
+    and bytes of the weight files directly in it (subfolders such as checkpoints are not read)."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no weight file ({', '.join(WEIGHT_SUFFIXES)}) in {path}")
+    return hashlib.sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in files).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class InputProblem:
     """One problem in an input file: ``file:line: [field] reason``. ``line`` is 1-based (0: whole file)."""

@@ -147,6 +147,26 @@ def test_generation_log_seeds_and_resume_after_interruption(setup, tmp_path, mon
     assert not list(out.glob("generation_log.rank*"))
 
 
+def test_resume_refuses_a_retrained_adapter_at_the_same_path(setup, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    mine = {**setup, "adapter": Path(shutil.copytree(setup["adapter"], tmp_path / "adapter"))}
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
+    out = tmp_path / "out"
+    assert infer.main(args(mine, prompts, out)) == 0
+    made = (out / "a.png").stat().st_mtime_ns
+    weights = mine["adapter"] / "psa_adapter.safetensors"
+    save_file({name: tensor + 1 for name, tensor in load_file(weights).items()}, weights)  # other weights, same path
+    with monkeypatch.context() as patch:
+        patch.setattr("psalign.inference.pipeline.load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+        assert infer.main(args(mine, prompts, out)) == 2
+    err = capsys.readouterr().err
+    assert "generation_log.jsonl:1: adapter_sha256: a.png was made with" in err
+    assert (out / "a.png").stat().st_mtime_ns == made
+
+
 def test_images_do_not_depend_on_batch_size(setup, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     assert infer.main(args(setup, prompts, tmp_path / "b1", "--batch_size", "1")) == 0

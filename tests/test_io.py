@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from psalign.io import InputError, InputProblem, atomic_path, atomic_write
+from psalign.io import InputError, InputProblem, atomic_path, atomic_write, file_sha256, weights_sha256
 
 
 def test_atomic_write_keeps_the_old_file_when_the_block_fails(tmp_path):
@@ -33,3 +33,20 @@ def test_atomic_files_get_umask_permissions(tmp_path):
 def test_input_error_lists_every_problem_with_its_location():
     error = InputError([InputProblem("p.jsonl", 3, "missing", "caption"), InputProblem("u.csv", 0, "not found")])
     assert str(error).splitlines()[1:] == ["  p.jsonl:3: caption: missing", "  u.csv: not found"]
+
+
+def test_weights_sha256_names_a_file_or_the_weight_files_directly_in_a_folder(tmp_path):
+    weights = tmp_path / "adapter" / "psa_adapter.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights v1")
+    assert weights_sha256(weights) == file_sha256(weights)
+    folder = weights_sha256(weights.parent)
+    (weights.parent / "psa_config.json").write_text("{}")  # not a weight file
+    (weights.parent / "checkpoint-500").mkdir()  # training leftovers are not read
+    (weights.parent / "checkpoint-500" / "model.safetensors").write_bytes(b"old")
+    assert weights_sha256(weights.parent) == folder
+    weights.write_bytes(b"weights v2")
+    assert weights_sha256(weights.parent) != folder
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no weight file"):
+        weights_sha256(tmp_path / "empty")

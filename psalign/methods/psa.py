@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from psalign.io import InputProblem
+from psalign.io import InputProblem, weights_sha256
 
 from .base import Method, register_method
 
@@ -59,4 +59,5 @@ class PSAMethod(Method):
             return pipe(**call_kwargs).images
 
     def log_params(self) -> dict:
-        return {"adapter": str(self.psa_path), "psa_scale": self.scale}
+        # the digest tells a retrained adapter at the same path apart (a resumed run must not mix the two)
+        return {"adapter": str(self.psa_path), "adapter_sha256": weights_sha256(self.psa_path), "psa_scale": self.scale}

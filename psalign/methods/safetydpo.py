@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from psalign.io import InputProblem
+from psalign.io import InputProblem, weights_sha256
 
 from .base import Method, register_method
 
@@ -36,4 +36,4 @@ class LoRAMethod(Method):
         return pipe
 
     def log_params(self) -> dict:
-        return {"lora": str(self.lora_path), "lora_scale": self.scale}
+        return {"lora": str(self.lora_path), "lora_sha256": weights_sha256(self.lora_path), "lora_scale": self.scale}
