@@ -25,11 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..formats import PSA_CONFIG_NAME, PSA_WEIGHTS_NAME
 from ..io import atomic_path, atomic_write
 from .adapter import PSAAdapter, PSAAdapterConfig, cross_attention_layers, describe_unet
-
-CONFIG_NAME = "psa_config.json"
-WEIGHTS_NAME = "psa_adapter.safetensors"
 
 
 def save_adapter_dir(adapter: PSAAdapter, path, extra: dict | None = None) -> None:
@@ -40,16 +38,16 @@ def save_adapter_dir(adapter: PSAAdapter, path, extra: dict | None = None) -> No
     if extra:
         config["extra"] = {**config.get("extra", {}), **extra}
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.state_dict().items()}
-    with atomic_path(path / WEIGHTS_NAME, suffix=".safetensors") as tmp:
+    with atomic_path(path / PSA_WEIGHTS_NAME, suffix=".safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": config["format"], "format_version": str(config["format_version"])})
-    with atomic_write(path / CONFIG_NAME) as handle:
+    with atomic_write(path / PSA_CONFIG_NAME) as handle:
         json.dump(config, handle, indent=2)
 
 
 def load_adapter_dir(path) -> PSAAdapter:
     """Load an adapter folder written by :func:`save_adapter_dir`, checking every tensor's name and shape."""
     path = Path(path)
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    config_file, weights_file = path / PSA_CONFIG_NAME, path / PSA_WEIGHTS_NAME
     for required in (config_file, weights_file):
         if not required.is_file():
             raise FileNotFoundError(f"{required} not found: {path} is not a psalign PSA adapter folder")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from psalign.embeddings import EMBEDDING_INFO_FILE, find_user_embedding, read_embedding_info
+from psalign.formats import PSA_CONFIG_NAME
 from psalign.io import InputError, InputProblem
 from psalign.methods import Method, get_method
 
@@ -117,7 +118,7 @@ def encoder_factory(config: InferenceConfig):
 
 def _adapter_embed_dim(psa_path: Path | None) -> int | None:
     """D_user of an adapter folder, read from its small JSON config (None for published checkpoints)."""
-    config = Path(psa_path) / "psa_config.json" if psa_path else None
+    config = Path(psa_path) / PSA_CONFIG_NAME if psa_path else None
     return json.loads(config.read_text())["user_embed_dim"] if config and config.is_file() else None
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from psalign.formats import LORA_WEIGHTS_NAME
+
 #: The UNet attention projections SafetyDPO adapts.
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 def read_lora_deltas(path: str | Path) -> dict[str, torch.Tensor]:

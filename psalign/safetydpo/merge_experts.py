@@ -25,14 +25,14 @@ from typing import Sequence
 import torch
 
 from psalign.categories import canonical_category
+from psalign.formats import LORA_WEIGHTS_NAME, MERGE_REPORT_NAME
 from psalign.io import InputError, InputProblem, atomic_write
 
 from .data import EXPERT_PAIRS_NAME, read_expert_pairs
-from .lora import LORA_WEIGHTS_NAME, read_lora_deltas, save_lora_factors
+from .lora import read_lora_deltas, save_lora_factors
 from .merge import average_merge, co_merge, fuse_into_unet, record_input_activations, refactor_to_lora, ties_merge
 
 METHODS = ("co_merge", "average", "ties")
-REPORT_NAME = "merge_report.json"
 
 
 @dataclass
@@ -155,7 +155,7 @@ def merge_experts(
         save_lora_factors(output, factors, rank)
         report.update(rank=rank, relative_error=errors, mean_relative_error=sum(errors.values()) / len(errors),
                       max_relative_error=max(errors.values()))
-    with atomic_write(output / REPORT_NAME) as handle:
+    with atomic_write(output / MERGE_REPORT_NAME) as handle:
         json.dump(report, handle, indent=2)
     return report
 
@@ -196,7 +196,7 @@ def main(argv=None) -> None:
                            device=args.device)
     if "max_relative_error" in report:
         print(f"rank-{args.rank} SVD relative error: mean {report['mean_relative_error']:.4f}, "
-              f"max {report['max_relative_error']:.4f} (per module in {Path(args.output) / REPORT_NAME})")
+              f"max {report['max_relative_error']:.4f} (per module in {Path(args.output) / MERGE_REPORT_NAME})")
     print(f"merged {len(job.experts)} experts ({args.method}) into {args.output}")
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from psalign.formats import LORA_WEIGHTS_NAME, MERGE_REPORT_NAME, PSA_CONFIG_NAME, PSA_WEIGHTS_NAME
+
 if TYPE_CHECKING:
     from .build import BuildConfig
 
@@ -31,8 +33,8 @@ if TYPE_CHECKING:
 BUNDLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
 #: Largest bundle the build accepts, in bytes.
 MAX_BUNDLE_BYTES = 25 * 1024 * 1024
-ADAPTER_FILES = ("psa_config.json", "psa_adapter.safetensors")
-SAFETYDPO_FILES = ("pytorch_lora_weights.safetensors", "merge_report.json")
+ADAPTER_FILES = (PSA_CONFIG_NAME, PSA_WEIGHTS_NAME)
+SAFETYDPO_FILES = (LORA_WEIGHTS_NAME, MERGE_REPORT_NAME)
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,10 @@ def write_bundle(config: "BuildConfig", stages: dict[str, dict]) -> dict:
     shutil.copytree(work / "model", staging / "model")
     run = stage_dir(config, "psa") / "run"
     (staging / "adapter").mkdir(parents=True)
-    shutil.copy2(run / "psa_adapter.safetensors", staging / "adapter" / "psa_adapter.safetensors")
-    adapter_config = json.loads((run / "psa_config.json").read_text(encoding="utf-8"))
+    shutil.copy2(run / PSA_WEIGHTS_NAME, staging / "adapter" / PSA_WEIGHTS_NAME)
+    adapter_config = json.loads((run / PSA_CONFIG_NAME).read_text(encoding="utf-8"))
     adapter_config["extra"]["training_args"] = portable_paths(adapter_config["extra"]["training_args"], work)
-    (staging / "adapter" / "psa_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
+    (staging / "adapter" / PSA_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
     (staging / "safetydpo").mkdir()
     for name in SAFETYDPO_FILES:
         shutil.copy2(stage_dir(config, "safetydpo") / "merged" / name, staging / "safetydpo" / name)

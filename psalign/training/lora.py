@@ -13,7 +13,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from psalign.safetydpo.lora import DEFAULT_TARGET_MODULES, LORA_WEIGHTS_NAME
+from psalign.formats import LORA_WEIGHTS_NAME
+from psalign.safetydpo.lora import DEFAULT_TARGET_MODULES
 
 ADAPTER_NAME = "default"
 
