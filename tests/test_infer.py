@@ -167,6 +167,27 @@ def test_resume_refuses_a_retrained_adapter_at_the_same_path(setup, tmp_path, mo
     assert (out / "a.png").stat().st_mtime_ns == made
 
 
+
+def test_resume_accepts_the_same_adapter_in_a_moved_folder_and_hashes_it_once_per_run(setup, tmp_path, monkeypatch):
+    import shutil
+
+    from psalign.io import weights_sha256
+    from psalign.methods import psa
+
+    hashed = []
+    monkeypatch.setattr(psa, "weights_sha256", lambda path: hashed.append(path) or weights_sha256(path))
+    mine = {**setup, "adapter": Path(shutil.copytree(setup["adapter"], tmp_path / "adapter"))}
+    out = tmp_path / "out"
+    assert infer.main(args(mine, write_prompts(tmp_path / "p1.jsonl", PROMPTS[:1]), out)) == 0
+    assert hashed == [mine["adapter"]]  # the pre-load check and the log share one digest
+    made = (out / "a.png").stat().st_mtime_ns
+    moved = {**mine, "adapter": Path(shutil.move(mine["adapter"], tmp_path / "moved"))}
+    assert infer.main(args(moved, write_prompts(tmp_path / "p2.jsonl", PROMPTS[:2]), out)) == 0
+    assert (out / "a.png").stat().st_mtime_ns == made  # resumed, not refused or redrawn
+    log = {e["file_name"]: e for e in map(json.loads, (out / "generation_log.jsonl").read_text().splitlines())}
+    assert log["a.png"]["adapter"] == str(mine["adapter"]) and log["b.png"]["adapter"] == str(moved["adapter"])
+    assert log["a.png"]["adapter_sha256"] == log["b.png"]["adapter_sha256"]
+
 def test_images_do_not_depend_on_batch_size(setup, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     assert infer.main(args(setup, prompts, tmp_path / "b1", "--batch_size", "1")) == 0

@@ -157,20 +157,25 @@ def generation_log_fields(settings: GenerationSettings, method: "Method", run_in
 def check_resumable(save_path: str | Path, records: Sequence[PromptRecord], log_fields: dict) -> None:
     """Raise :class:`InputError` when an image of ``records`` already in ``save_path`` was logged
     with other settings, method parameters or model than ``log_fields`` (resuming would mix two
-    runs in one folder). Reads ``generation_log.jsonl`` and unmerged per-process parts."""
+    runs in one folder). Reads ``generation_log.jsonl`` and unmerged per-process parts.
+
+    A weights path whose ``<key>_sha256`` digest matches is the same weights in a moved or renamed
+    folder, and is not a difference."""
     save_path = Path(save_path)
     kept = {r.file_name for r in records if (save_path / r.file_name).exists()}
     if not kept:
         return
     expected = json.loads(json.dumps({k: v for k, v in log_fields.items() if k != "seed"}))  # as logged
+    hashed = [k for k in expected if f"{k}_sha256" in expected]
     problems = []
     for path in sorted(save_path.glob("generation_log*.jsonl")):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             entry = json.loads(line) if line.strip() else {}
             if entry.get("file_name") not in kept:
                 continue
+            moved = {k for k in hashed if entry.get(f"{k}_sha256") == expected[f"{k}_sha256"]}
             for key, value in expected.items():
-                if key in entry and entry[key] != value:
+                if key in entry and key not in moved and entry[key] != value:
                     problems.append(InputProblem(
                         str(path), number, f"{entry['file_name']} was made with {entry[key]!r}; this run uses {value!r}",
                         key,

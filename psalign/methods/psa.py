@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,11 @@ class PSAMethod(Method):
         with self.adapter.users(embeds, scale=self.scale, classifier_free_guidance=guidance):
             return pipe(**call_kwargs).images
 
+    @cached_property
+    def adapter_sha256(self) -> str:
+        """Digest of the adapter weights, read once per run: it tells a retrained adapter at the same
+        path apart (a resumed run must not mix the two) and the same adapter in a moved folder alike."""
+        return weights_sha256(self.psa_path)
+
     def log_params(self) -> dict:
-        # the digest tells a retrained adapter at the same path apart (a resumed run must not mix the two)
-        return {"adapter": str(self.psa_path), "adapter_sha256": weights_sha256(self.psa_path), "psa_scale": self.scale}
+        return {"adapter": str(self.psa_path), "adapter_sha256": self.adapter_sha256, "psa_scale": self.scale}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from psalign.io import InputProblem, weights_sha256
@@ -35,5 +36,10 @@ class LoRAMethod(Method):
         pipe.set_adapters(["safety"], adapter_weights=[self.scale])
         return pipe
 
+    @cached_property
+    def lora_sha256(self) -> str:
+        """Digest of the LoRA weights, read once per run (see ``PSAMethod.adapter_sha256``)."""
+        return weights_sha256(self.lora_path)
+
     def log_params(self) -> dict:
-        return {"lora": str(self.lora_path), "lora_sha256": weights_sha256(self.lora_path), "lora_scale": self.scale}
+        return {"lora": str(self.lora_path), "lora_sha256": self.lora_sha256, "lora_scale": self.scale}
