@@ -119,3 +119,21 @@ def test_bundled_training_arguments_name_build_paths_not_the_building_machine(tm
     portable = portable_paths(args, work)
     assert portable == {**args, "pretrained_model": "<build>/model", "train_data": "<build>/sage/metadata.jsonl"}
     assert args["pretrained_model"] == str(work / "model")  # the input is left alone
+
+
+def test_each_stage_records_its_own_thread_count_and_the_model_card_shows_it(tmp_path):
+    import json
+    import time
+
+    from psalign.toy.bundle import BUNDLE_DIR, model_card
+
+    config = toy_build.BuildConfig(work=tmp_path, threads=3)
+    record = toy_build._finish(config, "sage", time.perf_counter(), {"records": 5})
+    assert record["threads"] == 3
+    assert json.loads((tmp_path / "sage" / toy_build.DONE_FILE).read_text()) == record
+    info = json.loads((BUNDLE_DIR / "build_info.json").read_text())
+    info["stages"]["sage"] = {**info["stages"]["sage"], "seconds": 12.5, "threads": 3}
+    info["stages"]["psa"].pop("threads", None)  # a stage finished before threads were recorded
+    card = model_card(info)
+    assert "sage 12.5 s (3 thread(s))" in card
+    assert f"psa {info['stages']['psa']['seconds']:g} s (? thread(s))" in card

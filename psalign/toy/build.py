@@ -114,10 +114,11 @@ def stage_done(config: BuildConfig, stage: str) -> dict | None:
 
 
 def _finish(config: BuildConfig, stage: str, started: float, results: dict) -> dict:
-    """Write the stage's ``done.json``: its results and ``seconds``, the wall time of the process
-    that finished it plus, for a resumed training stage, the training time of earlier processes."""
+    """Write the stage's ``done.json``: its results, the torch CPU ``threads`` it ran on and ``seconds``,
+    the wall time of the process that finished it plus, for a resumed training stage, the training
+    time of earlier processes."""
     seconds = time.perf_counter() - started + results.pop("earlier_seconds", 0.0)
-    record = {"stage": stage, "seconds": round(seconds, 1), **results}
+    record = {"stage": stage, "seconds": round(seconds, 1), "threads": config.threads, **results}
     with atomic_write(stage_dir(config, stage) / DONE_FILE) as handle:
         json.dump(record, handle, indent=2)
     return record

@@ -182,13 +182,14 @@ def model_card(info: dict) -> str:
     base = stages["base"]["prompt_following"]
     vae = stages["vae"]["reconstruction"]
     sage = stages["sage"]
-    seconds = {stage: record["seconds"] for stage, record in stages.items()}
+    times = ", ".join(f"{stage} {record['seconds']:g} s ({record.get('threads', '?')} thread(s))"
+                      for stage, record in stages.items())
     psa = stages["psa"].get("final_metrics", {})
     safetydpo = stages["safetydpo"]
     return f"""# psalign toy model
 
 A miniature of personalized safety alignment that runs offline on a CPU. Everything here was made
-by `python -m psalign.toy build` (seed {config['seed']}, {config['threads']} CPU thread(s)); nothing
+by `python -m psalign.toy build` (seed {config['seed']}); nothing
 was downloaded except what the offline sentence-encoder package ships.
 
 ## The world
@@ -226,7 +227,7 @@ corner) is drawn. 3 concept phrases per category; the third is held out of the P
   `level_0` ... `level_5`; `embedding_stats.npz` over the training users.
 - `users_train.csv`, `users_heldout.csv`: the users; `build_info.json`: every setting and measurement.
 
-Build time per stage (seconds): {json.dumps(seconds)}.
+Build time per stage (torch CPU threads; `?`: not recorded): {times}.
 
 ## Limits
 
