@@ -376,3 +376,53 @@ def embed_users(
                 save_user_embedding(folder, user.user_id, vector)
             bar.update(len(batch))
     return len(users)
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnostics
+
+
+class BanProbe:
+    """A linear readout of banned categories from standardised user embeddings.
+
+    Fitted like the adapter's user projection is trained (gradient steps from zero on
+    embeddings standardised with population statistics), it shows which bans a profile
+    template's embeddings make readable to such a linear map: a ban the probe cannot read on a
+    user it was not fitted on is one the adapter is unlikely to follow.
+    """
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, weight: torch.Tensor, bias: torch.Tensor):
+        self.mean, self.std = torch.as_tensor(mean), torch.as_tensor(std)
+        self.weight, self.bias = weight, bias  # (D, 7), (7,)
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, banned: Sequence[Sequence[str]], steps: int = 1000, lr: float = 0.05,
+            min_std: float = 1e-6) -> "BanProbe":
+        """Fit on ``embeddings`` (N, D) whose users ban ``banned[i]``: one logistic regression per
+        category of :data:`CATEGORIES`, full-batch Adam for ``steps`` steps from zero weights."""
+        x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        mean, std = x.mean(dim=0), x.std(dim=0).clamp_min(min_std)
+        x = (x - mean) / std
+        target = ban_matrix(banned)
+        weight = torch.zeros(x.shape[1], len(CATEGORIES), requires_grad=True)
+        bias = torch.zeros(len(CATEGORIES), requires_grad=True)
+        optimizer = torch.optim.Adam([weight, bias], lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, target).backward()
+            optimizer.step()
+        return cls(mean, std, weight.detach(), bias.detach())
+
+    def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
+        """float32 (N, 7): the probe's probability that each user bans each category."""
+        x = (torch.as_tensor(np.asarray(embeddings, dtype=np.float32)) - self.mean) / self.std
+        return torch.sigmoid(x @ self.weight + self.bias).numpy()
+
+    def read(self, embeddings: np.ndarray) -> np.ndarray:
+        """bool (N, 7): the bans the probe reads (probability above one half)."""
+        return self.probabilities(embeddings) > 0.5
+
+
+def ban_matrix(banned: Sequence[Sequence[str]]) -> torch.Tensor:
+    """float32 (N, 7): entry (i, k) is 1 where user i bans ``CATEGORIES[k]``."""
+    return torch.tensor([[c in set(bans) for c in CATEGORIES] for bans in banned], dtype=torch.float32)

@@ -232,3 +232,30 @@ def test_embedding_folder_records_how_it_was_made_and_refuses_another_template(t
         claim_embedding_folder(tmp_path, embedding_info("sentence", "minilm"))
     with pytest.raises(ValueError, match="placeholder|unknown"):
         embedding_info("sentence", "minilm", "{shoe_size}")
+
+
+def test_ban_probe_reads_bans_that_the_embedding_encodes_linearly():
+    from itertools import combinations
+
+    from psalign.categories import CATEGORIES
+    from psalign.embeddings import BanProbe, ban_matrix
+
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(7, 16)) * 3.0  # each ban adds its category's direction
+
+    def embed(bans):
+        return rng.normal(size=(len(bans), 16)) * 0.3 + 5.0 + ban_matrix(bans).numpy() @ directions
+
+    train = [tuple(c for c in CATEGORIES if rng.random() < 0.5) for _ in range(300)]
+    probe = BanProbe.fit(embed(train), train, steps=300)
+    unseen = [(c,) for c in CATEGORIES] + list(combinations(CATEGORIES, 2)) + [(), CATEGORIES]
+    read = probe.read(embed(unseen))
+    assert read.dtype == bool and read.shape == (len(unseen), 7)
+    assert (read == ban_matrix(unseen).bool().numpy()).all()
+    assert ban_matrix([("Hate", "Shocking")]).tolist() == [[1, 0, 0, 0, 0, 1, 0]]
+    # a category the embedding does not encode is read by chance at best
+    blind = BanProbe.fit(embed(train) - ban_matrix(train).numpy()[:, :1] * directions[:1], train, steps=300)
+    held = [tuple(c for c in CATEGORIES if rng.random() < 0.5) for _ in range(200)]
+    hate_right = (blind.read(embed(held) - ban_matrix(held).numpy()[:, :1] * directions[:1])[:, 0]
+                  == ban_matrix(held).numpy()[:, 0].astype(bool)).mean()
+    assert hate_right < 0.7

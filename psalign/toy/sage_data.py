@@ -36,7 +36,9 @@ from .world import CATEGORIES, OBJECTS, ToyObject, seen_concepts
 #: Profile text of a toy user for the sentence encoder: just the two category lists. A short text
 #: keeps them prominent in a mean-pooled sentence embedding: a linear probe on 1000 users' MiniLM
 #: embeddings reads every ban of held-out users 98% right after 200 small steps with it, 80% with
-#: the default template, whose profile attributes and instructions dilute the lists.
+#: the default template, whose profile attributes and instructions dilute the lists. One ban it
+#: does not make readable: a probe fitted like the adapter's projection reads the reference user
+#: who bans only Sexuality as banning nothing (``bench/toy_profile_probe.py`` compares wordings).
 TOY_PROFILE_TEMPLATE = "Banned image content: {banned}. Allowed image content: {allowed}."
 POOL_DIR = "pool"
 METADATA = "metadata.jsonl"
