@@ -391,8 +391,8 @@ class BanProbe:
     user it was not fitted on is one the adapter is unlikely to follow.
     """
 
-    def __init__(self, mean: np.ndarray, std: np.ndarray, weight: torch.Tensor, bias: torch.Tensor):
-        self.mean, self.std = torch.as_tensor(mean), torch.as_tensor(std)
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+        self.mean, self.std = mean, std  # (D,): the fitted users' statistics
         self.weight, self.bias = weight, bias  # (D, 7), (7,)
 
     @classmethod
@@ -425,4 +425,4 @@ class BanProbe:
 
 def ban_matrix(banned: Sequence[Sequence[str]]) -> torch.Tensor:
     """float32 (N, 7): entry (i, k) is 1 where user i bans ``CATEGORIES[k]``."""
-    return torch.tensor([[c in set(bans) for c in CATEGORIES] for bans in banned], dtype=torch.float32)
+    return torch.tensor([[c in bans for c in CATEGORIES] for bans in map(set, banned)], dtype=torch.float32)
