@@ -2,13 +2,12 @@
 
 Every builder writes the pipeline with ``save_pretrained`` and the caller loads it back with
 ``from_pretrained``: exactly the loading path a real checkpoint takes, with no network access.
-The tokenizer is a genuine CLIP byte-level BPE tokenizer whose merges are trained on the spot
-with ``tokenizers``, so different prompts always encode to different token ids.
+The tokenizer is a genuine CLIP byte-level BPE tokenizer whose merges are learnt on the spot
+from a small corpus, so different prompts always encode to different token ids.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -27,36 +26,60 @@ _TOKENIZER_CORPUS = (
 )
 
 
-def build_clip_tokenizer(corpus: Iterable[str] = _TOKENIZER_CORPUS, vocab_size: int = 600):
-    """Train a CLIP-style byte-level BPE tokenizer on ``corpus`` and wrap it as ``CLIPTokenizer``.
+def _learn_bpe_merges(words: Iterable[str], suffix: str) -> list[tuple[str, str]]:
+    """Byte-pair merges, most frequent pair first, until every word in ``words`` is one token.
+
+    ``words`` are already byte-level mapped. Frequency ties go to the alphabetically first pair,
+    so the merges (and token ids) are the same on every run; the ``tokenizers`` trainer breaks ties
+    in hash order, which changed a random tiny model's outputs from one build to the next.
+    """
+    counts: dict[tuple[str, ...], int] = {}
+    for word in words:
+        symbols = (*word[:-1], word[-1] + suffix)
+        counts[symbols] = counts.get(symbols, 0) + 1
+    merges = []
+    while True:
+        pairs: dict[tuple[str, str], int] = {}
+        for symbols, count in counts.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] = pairs.get(pair, 0) + count
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged: dict[tuple[str, ...], int] = {}
+        for symbols, count in counts.items():
+            out, index = [], 0
+            while index < len(symbols):
+                if symbols[index:index + 2] == best:
+                    out.append(best[0] + best[1])
+                    index += 2
+                else:
+                    out.append(symbols[index])
+                    index += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + count
+        counts = merged
+
+
+def build_clip_tokenizer(corpus: Iterable[str] = _TOKENIZER_CORPUS):
+    """A CLIP-style byte-level BPE ``CLIPTokenizer`` whose merges make every word of ``corpus`` one token.
 
     Every byte has a token (with and without the ``</w>`` end-of-word suffix), so the tokenizer
-    never maps unseen text to ``<unk>``; ``model_max_length`` is 77 as in Stable Diffusion.
+    never maps unseen text to ``<unk>``; ``model_max_length`` is 77 as in Stable Diffusion. Ids
+    are deterministic: specials, the 256 bytes (each bare, then suffixed), then merged tokens in
+    the order they were learnt.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    bos, eos = "<|startoftext|>", "<|endoftext|>"
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        special_tokens=[bos, eos],
-        show_progress=False,
-    )
-    bpe.train_from_iterator(list(corpus), trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
-    for ch in sorted(alphabet):
-        for token in (ch, ch + "</w>"):
-            vocab.setdefault(token, len(vocab))
-    merges = [tuple(m) for m in model["merges"]]
+    suffix = "</w>"
+    to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    words = [to_bytes.pre_tokenize_str(word)[0][0] for text in corpus for word in text.lower().split()]
+    merges = _learn_bpe_merges(words, suffix)
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    tokens += [token for byte in sorted(pre_tokenizers.ByteLevel.alphabet()) for token in (byte, byte + suffix)]
+    tokens += dict.fromkeys(left + right for left, right in merges)
+    vocab = {token: index for index, token in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
