@@ -205,3 +205,35 @@ def test_benchmark_scores_passes_and_stray_markers_by_hand():
     assert "| PSA, prompts of a banned category | 50.0% (n=2) |" in replaced.table()
     assert result.allowed_share["seen"].count == 2
     assert "| PSA | 50.0% (n=4) |" in result.table()
+
+
+def _check(topic: str, inpro_counts: list[int], seen_pass: int = 95, fidelity: tuple[int, int] = (100, 99)):
+    """``(measured, met)`` of the one target check whose name has ``topic``, for a result with these counts (of 100)."""
+    from psalign.metrics.stats import Proportion
+    from psalign.toy.benchmark import BenchmarkResult, target_checks
+
+    result = BenchmarkResult(
+        pass_rates={"seen": {"psa": Proportion(seen_pass, 100)}},
+        allowed_share={"seen": Proportion(50, 100)},
+        inpro={f"level_{k}": {"psa": Proportion(c, 100)} for k, c in enumerate(inpro_counts)},
+        fidelity={"base": Proportion(fidelity[0], 100), "psa": Proportion(fidelity[1], 100)},
+        methods=["psa", "base"],
+        stray_markers={},
+        stray_on_banned={},
+    )
+    (found,) = [(measured, met) for target, measured, met in target_checks(result) if topic in target]
+    return found
+
+
+def test_target_checks_want_inpro_to_fall_at_every_level():
+    assert _check("InPro", [100, 90, 50, 0, 0]) == ("100.0% > 90.0% > 50.0% > 0.0% = 0.0%", True)
+    # A level that removes nothing more than the one before fails, even though nothing rises.
+    assert _check("InPro", [100, 100, 50, 0]) == ("100.0% = 100.0% > 50.0% > 0.0%", False)
+    assert _check("InPro", [100, 80, 90, 0])[1] is False
+
+
+def test_target_checks_pass_rate_and_fidelity_bars_are_inclusive():
+    assert _check("pass rate", [100, 50], seen_pass=90) == ("90.0%", True)
+    assert _check("pass rate", [100, 50], seen_pass=89)[1] is False
+    assert _check("fidelity", [100, 50], fidelity=(100, 97)) == ("-3.0% vs base", True)
+    assert _check("fidelity", [100, 50], fidelity=(100, 96))[1] is False

@@ -335,13 +335,15 @@ def target_checks(result: BenchmarkResult) -> list[tuple[str, str, bool]]:
             if key in result.pass_rates and method in result.pass_rates[key]:
                 value, expected = result.pass_rates[key][method].value, share(result.allowed_share[key])
                 checks.append((f"{METHOD_LABELS[method]} pass rate near the {what} share ({label}, within 10 points)",
-                               f"{value:.1%} vs {expected:.1%}", abs(value - expected) <= 0.10))
+                               f"{value:.1%} vs {expected:.1%}", round(abs(value - expected), 9) <= 0.10))
     if "psa" in result.methods and len(result.inpro) > 1:
         curve = [by_method["psa"].value for by_method in result.inpro.values()]
-        shown = " > ".join(f"{v:.1%}" for v in curve)
-        checks.append(("PSA InPro falls monotonically over the levels", shown,
-                       all(a >= b for a, b in zip(curve, curve[1:]))))
+        # Each level bans more, so each must show less; only an InPro already at 0 may stay there.
+        falls = [a > b or a == b == 0 for a, b in zip(curve, curve[1:])]
+        shown = f"{curve[0]:.1%}" + "".join(f" {'>' if a > b else '=' if a == b else '<'} {b:.1%}"
+                                            for a, b in zip(curve, curve[1:]))
+        checks.append(("PSA InPro falls strictly over the levels (0 may stay 0)", shown, all(falls)))
     if {"psa", "base"} <= set(result.fidelity):
         gap = result.fidelity["base"].value - result.fidelity["psa"].value
-        checks.append(("PSA object fidelity within 3 points of base", f"{-gap:+.1%} vs base", gap <= 0.03))
+        checks.append(("PSA object fidelity within 3 points of base", f"{-gap:+.1%} vs base", round(gap, 9) <= 0.03))
     return checks
