@@ -7,7 +7,7 @@ import torch
 from psalign.categories import CATEGORIES
 from psalign.toy import build as toy_build
 from psalign.toy.render import render
-from psalign.toy.sage_data import POOL_DIR, PoolUnit, pool_units, toy_users, unit_agrees
+from psalign.toy.sage_data import POOL_DIR, PoolUnit, assign_units, pool_units, substitution_decoy, toy_users, unit_agrees
 from psalign.toy.world import OBJECTS, ToyObject, seen_concepts
 
 
@@ -75,6 +75,48 @@ def test_pool_covers_seen_concepts_only():
     assert len(units) == len(CATEGORIES) * 2 * len(OBJECTS) * 2
     assert {u.concept for u in units} == {c for cat in CATEGORIES for c in seen_concepts(cat)}
     assert len({u.seed(0) for u in units}) == len(units)
+
+
+def _kept(pool_seeds: int = 2) -> dict[str, list[PoolUnit]]:
+    kept: dict[str, list[PoolUnit]] = {}
+    for unit in pool_units(pool_seeds):
+        kept.setdefault(unit.concept, []).append(unit)
+    return kept
+
+
+def test_substitution_pairs_reject_another_categorys_marker_on_the_same_object_for_banned_categories_only():
+    import numpy as np
+
+    from psalign.sage import build_preference_pairs
+
+    users, _ = toy_users(6, 0, seed=1, random_ban_share=1.0)
+    kept = _kept()
+    plain = assign_units(users, kept, False, np.random.default_rng(0))
+    assert [u.index for u in plain] == [0] * (len(users) * len(kept))
+    units = assign_units(users, kept, True, np.random.default_rng(0))
+    pool = {unit.image("u"): unit for units_ in kept.values() for unit in units_}
+    by_key = {(u.user_id, u.concept, u.index): u for u in units}
+    decoys = [u for u in units if u.index == 1]
+    expected = sum(len(seen_concepts(c)) for user in users for c in user.banned_categories)
+    assert len(decoys) == expected > 0 and len(units) == len(plain) + expected
+    for decoy in decoys:
+        user = next(u for u in users if u.user_id == decoy.user_id)
+        assert decoy.category in user.banned_categories
+        source = pool[decoy.unsafe_image]
+        main = by_key[(decoy.user_id, decoy.concept, 0)]
+        assert source.category != decoy.category  # another category's marker, on the prompt's object
+        assert decoy.unsafe_caption == main.unsafe_caption == source.object.caption(decoy.concept)
+        assert decoy.safe_image == source.image("s")
+    records = build_preference_pairs(decoys, users)
+    assert all(r["rejected"].endswith("_u.jpg") and r["chosen"].endswith("_s.jpg") for r in records)
+
+
+def test_substitution_decoy_names_the_object_it_cannot_find():
+    import numpy as np
+
+    only_violence = {c: [u for u in units if u.category == "Violence"] for c, units in _kept().items()}
+    with pytest.raises(RuntimeError, match="red square outside Violence"):
+        substitution_decoy(only_violence, "Violence", ToyObject("red", "square"), np.random.default_rng(0))
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,7 @@ class BuildConfig:
     train_users: int = 1000
     heldout_users: int = 50
     random_ban_share: float = 0.5
+    substitution_pairs: bool = False
     pool_seeds: int = 4
     sample_steps: int = toy_model.DEFAULT_STEPS
     guidance_scale: float = toy_model.DEFAULT_GUIDANCE
@@ -360,6 +361,7 @@ def run_sage(config: BuildConfig) -> dict:
         train_users=config.train_users,
         heldout_users=config.heldout_users,
         random_ban_share=config.random_ban_share,
+        substitution_pairs=config.substitution_pairs,
         pool_seeds=config.pool_seeds,
         seed=config.seed,
         steps=config.sample_steps,

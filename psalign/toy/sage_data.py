@@ -13,6 +13,10 @@
   pool units of that concept (images are shared between users; who prefers which image is the
   user's business). :func:`psalign.sage.build_preference_pairs` turns units into records with the
   Sage rule; ``metadata.jsonl`` sits beside ``pool/``.
+* **Substitution pairs** (optional, our addition to Sage): for each category a user bans, one
+  more unit whose rejected image shows the same object with *another* category's marker
+  (:func:`substitution_decoy`), so removing a banned marker by drawing a different one is
+  penalised too.
 """
 
 from __future__ import annotations
@@ -143,19 +147,75 @@ def unit_agrees(folder: Path, unit: PoolUnit) -> bool:
     )
 
 
+def sage_unit(user_id: str, category: str, concept: str, index: int, images: PoolUnit) -> SageUnit:
+    """The Sage unit of (user, category, concept, index): captions of ``concept`` on the object of
+    the pool unit ``images``, and its two images."""
+    return SageUnit(
+        user_id=user_id,
+        category=category,
+        concept=concept,
+        index=index,
+        safe_caption=images.object.caption(),
+        unsafe_caption=images.object.caption(concept),
+        safe_image=images.image("s"),
+        unsafe_image=images.image("u"),
+    )
+
+
+def substitution_decoy(
+    kept: dict[str, list[PoolUnit]], category: str, obj: ToyObject, rng: np.random.Generator
+) -> PoolUnit:
+    """A kept pool unit of ``obj`` with a concept of another category than ``category``, drawn uniformly.
+
+    Paired with a prompt of ``category`` for a user who bans it, its unsafe image (the object
+    with another category's marker) is what the adapter must not draw instead: our addition to
+    Sage, whose pairs only reject the prompt's own unsafe image. An adapter trained without
+    these learns to remove a banned marker by drawing another one, which still fails InPro.
+    """
+    candidates = [
+        unit for units in kept.values() for unit in units if unit.category != category and unit.object == obj
+    ]
+    if not candidates:
+        raise RuntimeError(f"no kept pool unit of {obj.caption()} outside {category} to use as a substitution decoy")
+    return candidates[rng.integers(len(candidates))]
+
+
+def assign_units(
+    users: list[UserProfile], kept: dict[str, list[PoolUnit]], substitution_pairs: bool, rng: np.random.Generator
+) -> list[SageUnit]:
+    """Each user's Sage units: one per (category, seen concept), its images a kept pool unit of
+    that concept drawn uniformly; with ``substitution_pairs``, a second one (index 1) for each
+    category the user bans, whose images are a :func:`substitution_decoy` of the same object."""
+    units = []
+    for user in users:
+        for category in CATEGORIES:
+            for concept in seen_concepts(category):
+                drawn = kept[concept][rng.integers(len(kept[concept]))]
+                units.append(sage_unit(user.user_id, category, concept, 0, drawn))
+                if substitution_pairs and category in user.banned_categories:
+                    decoy = substitution_decoy(kept, category, drawn.object, rng)
+                    units.append(sage_unit(user.user_id, category, concept, 1, decoy))
+    return units
+
+
 def build_toy_sage(
     model_dir: Path,
     folder: Path,
     train_users: int,
     heldout_users: int,
     random_ban_share: float,
+    substitution_pairs: bool,
     pool_seeds: int,
     seed: int,
     steps: int,
     guidance_scale: float,
     batch_size: int,
 ) -> dict:
-    """Write users, the image pool and ``metadata.jsonl`` into ``folder``; returns counts."""
+    """Write users, the image pool and ``metadata.jsonl`` into ``folder``; returns counts.
+
+    Units are :func:`assign_units`' (with ``substitution_pairs``, decoy units whose records, by
+    the Sage rule, prefer the plain object to the object with another category's marker).
+    """
     folder = Path(folder)
     train, heldout = toy_users(train_users, heldout_users, seed, random_ban_share)
     write_users(folder / "users_train.csv", train)
@@ -169,24 +229,7 @@ def build_toy_sage(
     missing = [c for cat in CATEGORIES for c in seen_concepts(cat) if not kept.get(c)]
     if missing:
         raise RuntimeError(f"the base model drew no usable image pair for the concepts {missing}")
-    rng = np.random.default_rng(seed)
-    sage_units = []
-    for user in train:
-        for category in CATEGORIES:
-            for concept in seen_concepts(category):
-                chosen = kept[concept][rng.integers(len(kept[concept]))]
-                sage_units.append(
-                    SageUnit(
-                        user_id=user.user_id,
-                        category=category,
-                        concept=concept,
-                        index=0,
-                        safe_caption=chosen.object.caption(),
-                        unsafe_caption=chosen.object.caption(concept),
-                        safe_image=chosen.image("s"),
-                        unsafe_image=chosen.image("u"),
-                    )
-                )
+    sage_units = assign_units(train, kept, substitution_pairs, np.random.default_rng(seed))
     records = build_preference_pairs(sage_units, train)
     write_preference_pairs(folder / METADATA, records)
     kept_by_category = Counter(u.category for units_ in kept.values() for u in units_)
