@@ -28,3 +28,14 @@ def test_clip_tokenizer_merges_only_tokens_made_before():
         made.add(left + right)
     tokenizer = build_clip_tokenizer()
     assert tokenizer.tokenize("a photo of a cat") == ["a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>"]
+
+
+def test_bpe_merges_by_hand():
+    from psalign.testing import _learn_bpe_merges
+
+    # Counts: (a, b) 2, (b, c</w>) 2, (a, b</w>) 1; the tie goes to (a, b), then (ab, c</w>) has 2.
+    assert _learn_bpe_merges(["abc", "abc", "ab"], "</w>") == [("a", "b"), ("ab", "c</w>"), ("a", "b</w>")]
+    assert _learn_bpe_merges(["bcd", "bcd", "ab", "ab", "ab"], "</w>")[0] == ("a", "b</w>")  # 3 beats 2
+    # Equally frequent pairs go alphabetically, whatever order the words come in.
+    assert _learn_bpe_merges(["yz", "xy"], "</w>") == _learn_bpe_merges(["xy", "yz"], "</w>") == [
+        ("x", "y</w>"), ("y", "z</w>")]
