@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from psalign.categories import CATEGORIES
+from psalign.io import InputError
 from psalign.toy import build as toy_build
 from psalign.toy.render import render
 from psalign.toy.sage_data import POOL_DIR, PoolUnit, assign_units, pool_units, substitution_decoy, toy_users, unit_agrees
@@ -179,3 +180,21 @@ def test_each_stage_records_its_own_thread_count_and_the_model_card_shows_it(tmp
     card = model_card(info)
     assert "sage 12.5 s (3 thread(s))" in card
     assert f"psa {info['stages']['psa']['seconds']:g} s (? thread(s))" in card
+
+
+def test_build_flags_reach_the_config():
+    import argparse
+
+    parser = toy_build.add_build_arguments(argparse.ArgumentParser())
+    defaults = toy_build.config_from_args(parser.parse_args([]))
+    assert (defaults.random_ban_share, defaults.substitution_pairs) == (0.5, False)
+    assert defaults.profile_template == toy_build.TOY_PROFILE_TEMPLATE
+    args = parser.parse_args(["--random_ban_share", "0.8", "--substitution_pairs",
+                              "--profile_template", "The user bans {banned}. The user allows {allowed}."])
+    config = toy_build.config_from_args(args)
+    assert (config.random_ban_share, config.substitution_pairs) == (0.8, True)
+    assert config.profile_template == "The user bans {banned}. The user allows {allowed}."
+    with pytest.raises(ValueError, match="random_ban_share"):
+        toy_build.config_from_args(parser.parse_args(["--random_ban_share", "1.5"]))
+    with pytest.raises(InputError, match="profile_template"):
+        toy_build.config_from_args(parser.parse_args(["--profile_template", "bans {banend}"]))

@@ -48,6 +48,7 @@ from psalign.io import atomic_path, atomic_write
 
 from . import model as toy_model
 from .data import RenderedSet, render_set
+from .sage_data import TOY_PROFILE_TEMPLATE
 
 STAGES: tuple[str, ...] = ("vae", "base", "sage", "embeds", "psa", "safetydpo", "bundle")
 DONE_FILE = "done.json"
@@ -85,6 +86,8 @@ class BuildConfig:
     heldout_users: int = 50
     random_ban_share: float = 0.5
     substitution_pairs: bool = False
+    # embeds
+    profile_template: str = TOY_PROFILE_TEMPLATE
     pool_seeds: int = 4
     sample_steps: int = toy_model.DEFAULT_STEPS
     guidance_scale: float = toy_model.DEFAULT_GUIDANCE
@@ -95,6 +98,15 @@ class BuildConfig:
     safetydpo_config: Path = DEFAULT_SAFETYDPO_CONFIG
     merge_rank: int = 32
     merge_calibration_prompts: int = 8
+
+    def __post_init__(self) -> None:
+        # Checked here, not in their stages, which run after an hour of model training.
+        from psalign.embeddings import PROFILE_TEMPLATE_FIELDS
+        from psalign.users import check_template
+
+        if not 0.0 <= self.random_ban_share <= 1.0:
+            raise ValueError(f"random_ban_share must be in [0, 1], got {self.random_ban_share}")
+        check_template(self.profile_template, PROFILE_TEMPLATE_FIELDS, source="profile_template")
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -388,8 +400,6 @@ def run_embeds(config: BuildConfig) -> dict:
     from psalign.levels import LEVEL_BANS, reference_user
     from psalign.users import read_users
 
-    from .sage_data import TOY_PROFILE_TEMPLATE
-
     started = time.perf_counter()
     sage = stage_dir(config, "sage")
     train = read_users(sage / "users_train.csv")
@@ -397,13 +407,13 @@ def run_embeds(config: BuildConfig) -> dict:
     references = [reference_user(level) for level in LEVEL_BANS]
     folder = stage_dir(config, "embeds") / "embeds"
     everyone = train + heldout + references
-    claim_embedding_folder(folder, embedding_info("sentence", DEFAULT_SENTENCE_MODEL_NAME, TOY_PROFILE_TEMPLATE))
+    claim_embedding_folder(folder, embedding_info("sentence", DEFAULT_SENTENCE_MODEL_NAME, config.profile_template))
     todo = pending_users(everyone, folder)
     if todo:
-        embed_users(SentenceUserEncoder(device="cpu"), todo, folder, TOY_PROFILE_TEMPLATE)
+        embed_users(SentenceUserEncoder(device="cpu"), todo, folder, config.profile_template)
     write_embedding_stats(folder, [u.user_id for u in train])
     return _finish(config, "embeds", started, {"users": len(everyone), "encoder": "all-MiniLM-L6-v2 (offline)",
-                                               "template": TOY_PROFILE_TEMPLATE})
+                                               "template": config.profile_template})
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,9 +536,16 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--psa_config", type=Path, default=defaults.psa_config, help="PSA training YAML")
     parser.add_argument("--safetydpo_config", type=Path, default=defaults.safetydpo_config,
                         help="SafetyDPO expert training YAML")
+    parser.add_argument("--random_ban_share", type=float, default=defaults.random_ban_share,
+                        help="share of the users whose bans are random instead of the rule engine's (default: %(default)s)")
+    parser.add_argument("--substitution_pairs", action="store_true",
+                        help="add Sage pairs that reject another category's marker on a banned category's prompt")
+    parser.add_argument("--profile_template", default=defaults.profile_template,
+                        help="profile text the sentence encoder embeds (default: %(default)r)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(work=args.work, out=args.out, seed=args.seed, threads=args.threads, psa_config=args.psa_config,
-                       safetydpo_config=args.safetydpo_config)
+                       safetydpo_config=args.safetydpo_config, random_ban_share=args.random_ban_share,
+                       substitution_pairs=args.substitution_pairs, profile_template=args.profile_template)
