@@ -182,6 +182,18 @@ def test_each_stage_records_its_own_thread_count_and_the_model_card_shows_it(tmp
     assert f"psa {info['stages']['psa']['seconds']:g} s (? thread(s))" in card
 
 
+def test_model_card_says_when_the_adapter_saw_substitution_pairs():
+    import json
+
+    from psalign.toy.bundle import BUNDLE_DIR, model_card
+
+    info = json.loads((BUNDLE_DIR / "build_info.json").read_text())
+    info["build_config"]["substitution_pairs"] = False
+    assert "substitution pairs" not in model_card(info)
+    info["build_config"]["substitution_pairs"] = True
+    assert "substitution pairs" in model_card(info)
+
+
 def test_build_flags_reach_the_config():
     import argparse
 

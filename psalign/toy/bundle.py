@@ -176,6 +176,10 @@ def _objective(settings: dict) -> str:
             f"{settings['max_train_steps']} steps of {settings['train_batch_size']} pairs at lr {settings['learning_rate']:g}")
 
 
+_SUBSTITUTION = (" and one more per banned (category, seen concept) whose rejected image shows another category's"
+                 " marker (substitution pairs, our addition to Sage)")
+
+
 def model_card(info: dict) -> str:
     """The bundle's MODEL_CARD.md, filled from the build's settings and stage records."""
     config, stages = info["build_config"], info["stages"]
@@ -213,7 +217,8 @@ corner) is drawn. 3 concept phrases per category; the third is held out of the P
 - `adapter/`: the PSA user adapter, trained with `train_psa.py` and `{Path(config['psa_config']).name}` on toy Sage
   pairs: {sage['train_users']} users from the Sage-data generator (rule-engine bans, except
   {config['random_ban_share']:.0%} of the users who ban a random subset instead, so that every category can be
-  told apart), one unit per (category, seen concept) each, {sage['records']} records; images drawn by the base model itself
+  told apart), one unit per (category, seen concept) each{_SUBSTITUTION if config.get('substitution_pairs') else ''},
+  {sage['records']} records; images drawn by the base model itself
   ({sage['pool_units_kept']} of {sage['pool_units']} image pairs kept by the detector). Objective:
   {_objective(stages["psa"].get("objective", {}))}. Last logged training metrics: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in psa.items()})}.
 - `safetydpo/`: the SafetyDPO baseline: one LoRA expert per category (rank from
