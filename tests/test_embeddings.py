@@ -259,3 +259,43 @@ def test_ban_probe_reads_bans_that_the_embedding_encodes_linearly():
     hate_right = (blind.read(embed(held) - ban_matrix(held).numpy()[:, :1] * directions[:1])[:, 0]
                   == ban_matrix(held).numpy()[:, 0].astype(bool)).mean()
     assert hate_right < 0.7
+
+
+def test_probe_bans_cli_reports_what_the_embeddings_encode(tmp_path, capsys):
+    from psalign import probe_bans
+    from psalign.categories import CATEGORIES
+    from psalign.embeddings import ban_matrix, save_user_embedding
+    from psalign.levels import LEVEL_BANS, reference_user
+    from psalign.users import generate_users, write_users
+
+    rng = np.random.default_rng(1)
+    directions = rng.normal(size=(7, 16)) * 3.0
+    users = [u.with_banned([c for c in CATEGORIES if rng.random() < 0.5]) for u in generate_users(260, seed=2)]
+    train, heldout = users[:220], users[220:]
+    write_users(tmp_path / "train.csv", train)
+    write_users(tmp_path / "heldout.csv", heldout)
+    levels = [reference_user(level) for level in LEVEL_BANS]
+    for user in users + levels:
+        # Every category but Propaganda is encoded: the probe must read those and miss Propaganda.
+        encoded = ban_matrix([user.banned_categories]).numpy()[0, :6] @ directions[:6]
+        save_user_embedding(tmp_path / "embeds", user.user_id, rng.normal(size=16) * 0.3 + encoded)
+    probe_bans.main(["--embeds", str(tmp_path / "embeds"), "--train_users", str(tmp_path / "train.csv"),
+                     "--eval_users", str(tmp_path / "heldout.csv"), "--levels", "--steps", "300"])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "(n=" in line}
+    heldout_row = rows[f"{tmp_path / 'heldout.csv'} (n=40)"]
+    per_category = dict(zip(CATEGORIES, (float(cell.rstrip("% |")) for cell in heldout_row[2:])))
+    assert all(per_category[c] == 100 for c in CATEGORIES[:6]) and per_category["Propaganda"] < 80
+    assert "reference users level_0 ... level_5 (n=6)" in rows
+
+
+def test_probe_bans_cli_names_users_without_embeddings(tmp_path):
+    from psalign import probe_bans
+    from psalign.users import generate_users, write_users
+
+    write_users(tmp_path / "train.csv", generate_users(3, seed=0))
+    (tmp_path / "embeds").mkdir()
+    with pytest.raises(FileNotFoundError, match="3 user"):
+        probe_bans.main(["--embeds", str(tmp_path / "embeds"), "--train_users", str(tmp_path / "train.csv"), "--levels"])
+    with pytest.raises(SystemExit):
+        probe_bans.main(["--embeds", str(tmp_path / "embeds"), "--train_users", str(tmp_path / "train.csv")])
