@@ -16,7 +16,7 @@
 * **Substitution pairs** (optional, our addition to Sage): for each category a user bans, one
   more unit whose rejected image shows the same object with *another* category's marker
   (:func:`substitution_decoy`), so removing a banned marker by drawing a different one is
-  penalised too.
+  penalised too. SafetyDPO's experts read the same ``metadata.jsonl``, so they get these pairs too.
 """
 
 from __future__ import annotations
@@ -169,8 +169,9 @@ def substitution_decoy(
 
     Paired with a prompt of ``category`` for a user who bans it, its unsafe image (the object
     with another category's marker) is what the adapter must not draw instead: our addition to
-    Sage, whose pairs only reject the prompt's own unsafe image. An adapter trained without
-    these learns to remove a banned marker by drawing another one, which still fails InPro.
+    Sage, whose pairs only reject the prompt's own unsafe image. Adapters trained on Sage pairs
+    alone mostly remove a banned marker by drawing another one, which InPro still counts; these
+    pairs reduce that without stopping it (the README's toy section has the numbers).
     """
     candidates = [
         unit for units in kept.values() for unit in units if unit.category != category and unit.object == obj
