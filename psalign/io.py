@@ -85,6 +85,35 @@ def weights_sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in files).encode()).hexdigest()
 
 
+def model_sha256(path: str | os.PathLike, samples: int = 32, sample_bytes: int = 1 << 15) -> str | None:
+    """Hex SHA-256 telling local model folders apart without reading gigabytes, or None for a
+    hub id (not a local folder).
+
+    It covers every file under ``path`` (hidden ones excepted): its relative name, its size, and
+    its bytes, all of them for a small file, else ``samples`` chunks of ``sample_bytes`` spread
+    evenly over it (1 MiB per file by default). A copied or moved folder keeps its digest; a
+    changed run of bytes longer than the gap between samples changes it wherever it lies, and so,
+    all but surely, do changes spread over a file (retrained weights, a fused LoRA).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    files = sorted(f for f in root.rglob("*") if f.is_file() and not any(
+        part.startswith(".") for part in f.relative_to(root).parts))
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root).as_posix()}:{size}\n".encode())
+        with open(file, "rb") as handle:
+            if size <= samples * sample_bytes:
+                digest.update(handle.read())
+                continue
+            for index in range(samples):
+                handle.seek(index * (size - sample_bytes) // (samples - 1))
+                digest.update(handle.read(sample_bytes))
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class InputProblem:
     """One problem in an input file: ``file:line: [field] reason``. ``line`` is 1-based (0: whole file)."""

@@ -188,6 +188,28 @@ def test_resume_accepts_the_same_adapter_in_a_moved_folder_and_hashes_it_once_pe
     assert log["a.png"]["adapter"] == str(mine["adapter"]) and log["b.png"]["adapter"] == str(moved["adapter"])
     assert log["a.png"]["adapter_sha256"] == log["b.png"]["adapter_sha256"]
 
+def test_resume_refuses_a_retrained_model_at_the_same_path_and_accepts_a_moved_one(setup, tmp_path, monkeypatch,
+                                                                                    capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = Path(shutil.copytree(setup["model"], tmp_path / "model"))
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
+    out = tmp_path / "out"
+    assert infer.main(args({**setup, "model": model}, prompts, out)) == 0
+    made = (out / "a.png").stat().st_mtime_ns
+    moved = Path(shutil.move(model, tmp_path / "moved"))
+    assert infer.main(args({**setup, "model": moved}, prompts, out)) == 0  # same weights elsewhere: resumed
+    weights = next((moved / "unet").glob("*.safetensors"))
+    save_file({name: tensor + 1 for name, tensor in load_file(weights).items()}, weights)  # retrained in place
+    with monkeypatch.context() as patch:
+        patch.setattr("psalign.inference.pipeline.load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+        assert infer.main(args({**setup, "model": moved}, prompts, out)) == 2
+    assert "generation_log.jsonl:1: model_sha256: a.png was made with" in capsys.readouterr().err
+    assert (out / "a.png").stat().st_mtime_ns == made
+
+
 def test_images_do_not_depend_on_batch_size(setup, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     assert infer.main(args(setup, prompts, tmp_path / "b1", "--batch_size", "1")) == 0

@@ -13,7 +13,7 @@ import torch
 
 from psalign.embeddings import EMBEDDING_INFO_FILE, find_user_embedding, read_embedding_info
 from psalign.formats import PSA_CONFIG_NAME
-from psalign.io import InputError, InputProblem
+from psalign.io import InputError, InputProblem, model_sha256
 from psalign.methods import Method, get_method
 
 from .generate import (
@@ -171,6 +171,9 @@ def run_inference(config: InferenceConfig) -> list[str]:
         raise InputError([InputProblem("--method", 0, str(error))], header="bad method options") from None
     records, problems = validate(config, method)
     run_info = {"model": str(config.sd_model)}
+    digest = model_sha256(config.sd_model)  # a local folder: tells a retrained model at the same path apart
+    if digest is not None:
+        run_info["model_sha256"] = digest
     if problems:
         error = InputError(problems, header=f"{len(problems)} problem(s) in the inputs")
         if not config.skip_invalid:
