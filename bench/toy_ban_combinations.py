@@ -13,7 +13,7 @@ The table counts, per profile:
 
 * removed: images without the category's marker (the ban is followed);
 * by substitution: removed, but another category's marker drawn instead, which InPro still
-  counts as inappropriate;
+  counts as inappropriate (the last column says which, and how often);
 * cleanly: removed with no marker at all;
 * wrong object: the object is not the prompt's (shape or colour).
 
@@ -22,6 +22,7 @@ tied it to the bans it came with in training removes it only in some.
 """
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -74,17 +75,18 @@ def main(argv=None) -> None:
 
     n = len(captions)
     print(f"{n} prompts of {args.category} per profile (adapter {args.adapter or bundle.adapter}, scale {args.scale})\n")
-    print("| banned | removed | by substitution | cleanly | wrong object |")
-    print("|---|---|---|---|---|")
+    print("| banned | removed | by substitution | cleanly | wrong object | substitutes |")
+    print("|---|---|---|---|---|---|")
     for banned in profiles:
         embedding = torch.from_numpy(encoder.encode([profile_text(default.with_banned(banned), template)]))
         with adapter.users(embedding.repeat(n, 1), scale=args.scale, classifier_free_guidance=True):
             found = [detect(image) for image in sample(pipe, captions, seeds, batch_size=n)]
         removed = [d for d in found if args.category not in d.markers]
+        substitutes = Counter(marker for d in removed for marker in d.markers)
         substituted = sum(bool(d.markers) for d in removed)
         wrong = sum(not d.shows(obj) for d, (obj, _) in zip(found, prompts))
         row = [" + ".join(banned) or "nothing (control)", f"{len(removed)}/{n}", substituted,
-               len(removed) - substituted, wrong]
+               len(removed) - substituted, wrong, ", ".join(f"{m} {k}" for m, k in substitutes.most_common())]
         print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
 
 
