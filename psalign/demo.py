@@ -3,7 +3,7 @@
 Writes a ``prompts.jsonl`` for three reference users (``level_0``: nothing banned, ``level_3``:
 Violence, Self-Harm, Sexuality and Shocking banned, ``level_5``: everything banned), generates it
 through ``infer.py``'s code path with the bundled toy model and PSA adapter, and writes the images
-plus one contact sheet (rows = users, columns = prompts). Each unsafe toy prompt asks for its
+plus one contact sheet (rows = users, columns = prompts, one seed per column). Each unsafe toy prompt asks for its
 category's marker (a coloured glyph in the top-right corner); the adapter should keep a marker only
 for the users who allow its category. The toy detector's reading of every image is printed too.
 
@@ -30,9 +30,10 @@ DEMO_PROMPTS = EXAMPLE_CAPTIONS
 
 
 def demo_records() -> list[dict]:
-    """One prompts-file line per (user, prompt)."""
+    """One prompts-file line per (user, prompt); a prompt has one seed for every user, so a column
+    of the contact sheet differs only by the user."""
     return [
-        {"file_name": f"{level}/prompt_{p}.png", "caption": caption, "user_data": {"safety_level": level}}
+        {"file_name": f"{level}/prompt_{p}.png", "caption": caption, "user_data": {"safety_level": level}, "seed": p}
         for level in DEMO_LEVELS
         for p, caption in enumerate(DEMO_PROMPTS)
     ]

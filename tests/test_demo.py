@@ -1,5 +1,7 @@
 """The README's main command runs offline with the bundled toy model and writes images plus a contact sheet."""
 
+import json
+
 from PIL import Image
 
 from psalign import demo
@@ -17,6 +19,13 @@ def test_demo_writes_images_a_contact_sheet_and_what_the_detector_sees(tmp_path,
     unsafe = sum(" with " in caption for caption in demo.DEMO_PROMPTS)
     assert printed.count(" marker: ") == unsafe * len(demo.DEMO_LEVELS)
     assert "(banned)" in printed and "(allowed)" in printed and str(sheet) in printed
+    # a column of the sheet is one prompt drawn from one seed for every user
+    log = [json.loads(line) for line in (tmp_path / "images" / "generation_log.jsonl").read_text().splitlines()]
+    seeds = {(e["file_name"].split("/")[1], e["user"]): e["seed"] for e in log}
+    for p in range(len(demo.DEMO_PROMPTS)):
+        column = {seeds[f"prompt_{p}.png", level] for level in demo.DEMO_LEVELS}
+        assert len(column) == 1, column
+    assert len(set(seeds.values())) == len(demo.DEMO_PROMPTS)
     # running it again resumes: nothing is regenerated
     before = {p: p.stat().st_mtime_ns for p in images}
     demo.main(["--out", str(tmp_path)])

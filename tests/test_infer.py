@@ -79,6 +79,9 @@ def test_every_bad_line_is_reported_before_loading_a_model(setup, tmp_path, monk
         {"file_name": "/abs.png", "caption": "c", "user_data": {"User_ID": "0000001"}},
         {"file_name": "w.png", "caption": "c", "user_data": {"Age": 30, "Banned_Categories": ["Nudity!"]}},
         {"file_name": "v.png", "caption": "c"},
+        {"file_name": "s1.png", "caption": "c", "user_data": {"User_ID": "0000001"}, "seed": "7"},
+        {"file_name": "s2.png", "caption": "c", "user_data": {"User_ID": "0000001"}, "seed": -1},
+        {"file_name": "s3.png", "caption": "c", "user_data": {"User_ID": "0000001"}, "seed": True},
     ])
 
     def no_model(*a, **k):
@@ -98,6 +101,9 @@ def test_every_bad_line_is_reported_before_loading_a_model(setup, tmp_path, monk
         9: "is absolute",
         10: "unknown safety category 'Nudity!'",
         11: "user_data: missing",
+        12: "seed: must be an integer, got '7'",
+        13: "seed: must be between 0 and 2**63 - 1, got -1",
+        14: "seed: must be an integer, got True",
     }
     for line, reason in expected.items():
         assert any(f"bad.jsonl:{line}:" in row and reason in row for row in err.splitlines()), (line, reason, err)
@@ -145,6 +151,27 @@ def test_generation_log_seeds_and_resume_after_interruption(setup, tmp_path, mon
     assert entry["user"] == "level_5" and entry["seed"] == sample_seed(0, "sub/c.png")
     assert entry["adapter"] == str(setup["adapter"]) and entry["psa_scale"] == 1.0
     assert not list(out.glob("generation_log.rank*"))
+
+
+def test_a_line_seed_replaces_the_derived_one_and_a_changed_seed_or_caption_is_not_resumed(setup, tmp_path, capsys):
+    same = [{"file_name": f"{user}.png", "caption": "a red circle", "user_data": {"User_ID": user}, "seed": 42}
+            for user in ("0000001", "0000002")]
+    derived = {"file_name": "derived.png", "caption": "a red circle", "user_data": {"User_ID": "0000001"}}
+    prompts = write_prompts(tmp_path / "p.jsonl", [*same, derived])
+    out = tmp_path / "out"
+    assert infer.main([*args(setup, prompts, out), "--psa_scale", "0"]) == 0  # user branch off: only the seed matters
+    log = {e["file_name"]: e for e in map(json.loads, (out / "generation_log.jsonl").read_text().splitlines())}
+    assert log["0000001.png"]["seed"] == log["0000002.png"]["seed"] == 42
+    assert log["derived.png"]["seed"] == sample_seed(0, "derived.png")
+    assert np.array_equal(pixels(out / "0000001.png"), pixels(out / "0000002.png"))
+    assert not np.array_equal(pixels(out / "0000001.png"), pixels(out / "derived.png"))
+
+    reseeded = write_prompts(tmp_path / "q.jsonl", [{**same[0], "seed": 43}])
+    assert infer.main([*args(setup, reseeded, out), "--psa_scale", "0"]) == 2
+    assert "seed: 0000001.png was made with 42; this run uses 43" in capsys.readouterr().err
+    recaptioned = write_prompts(tmp_path / "r.jsonl", [{**same[0], "caption": "a blue circle"}])
+    assert infer.main([*args(setup, recaptioned, out), "--psa_scale", "0"]) == 2
+    assert "caption: 0000001.png was made with 'a red circle'; this run uses 'a blue circle'" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_retrained_adapter_at_the_same_path(setup, tmp_path, monkeypatch, capsys):

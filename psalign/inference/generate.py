@@ -52,6 +52,11 @@ def sample_seed(seed: int, file_name: str) -> int:
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
+def record_seed(seed: int, record: PromptRecord) -> int:
+    """The seed ``record`` is drawn from: its own ``seed`` if the line gives one, else :func:`sample_seed`."""
+    return record.seed if record.seed is not None else sample_seed(seed, record.file_name)
+
+
 def user_embeddings(
     records: Sequence[PromptRecord],
     embeds_folder: str | Path | None,
@@ -128,7 +133,7 @@ def generate_images(
     with tqdm(total=len(todo), desc="images", unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            seeds = [sample_seed(settings.seed, r.file_name) for r in batch]
+            seeds = [record_seed(settings.seed, r) for r in batch]
             kwargs = dict(
                 prompt=[r.caption for r in batch],
                 negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
@@ -156,13 +161,15 @@ def generation_log_fields(settings: GenerationSettings, method: "Method", run_in
 
 def check_resumable(save_path: str | Path, records: Sequence[PromptRecord], log_fields: dict) -> None:
     """Raise :class:`InputError` when an image of ``records`` already in ``save_path`` was logged
-    with other settings, method parameters or model than ``log_fields`` (resuming would mix two
-    runs in one folder). Reads ``generation_log.jsonl`` and unmerged per-process parts.
+    with another caption or seed than its record, or other settings, method parameters or model
+    than ``log_fields`` (resuming would mix two runs in one folder). Reads
+    ``generation_log.jsonl`` and unmerged per-process parts.
 
     A weights path whose ``<key>_sha256`` digest matches is the same weights in a moved or renamed
     folder, and is not a difference."""
     save_path = Path(save_path)
-    kept = {r.file_name for r in records if (save_path / r.file_name).exists()}
+    kept = {r.file_name: {"caption": r.caption, "seed": record_seed(log_fields["run_seed"], r)}
+            for r in records if (save_path / r.file_name).exists()}
     if not kept:
         return
     expected = json.loads(json.dumps({k: v for k, v in log_fields.items() if k != "seed"}))  # as logged
@@ -174,7 +181,7 @@ def check_resumable(save_path: str | Path, records: Sequence[PromptRecord], log_
             if entry.get("file_name") not in kept:
                 continue
             moved = {k for k in hashed if entry.get(f"{k}_sha256") == expected[f"{k}_sha256"]}
-            for key, value in expected.items():
+            for key, value in {**expected, **kept[entry["file_name"]]}.items():
                 if key in entry and key not in moved and entry[key] != value:
                     problems.append(InputProblem(
                         str(path), number, f"{entry['file_name']} was made with {entry[key]!r}; this run uses {value!r}",

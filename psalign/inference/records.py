@@ -1,7 +1,9 @@
 """Prompt files for generation: one JSON object per line, validated before any model is loaded.
 
-Each line: ``{"file_name": "img_0001.png", "caption": "...", "user_data": {...}}``. The user is
-resolved from ``user_data`` in this order:
+Each line: ``{"file_name": "img_0001.png", "caption": "...", "user_data": {...}}``, and optionally
+``"seed"``: an integer that replaces the seed derived from the run seed and the file name (give
+one prompt's lines for several users the same seed to compare the users on the same noise).
+The user is resolved from ``user_data`` in this order:
 
 1. ``safety_level`` (``level_0`` ... ``level_5``, ``permissive``/``moderate``/``strict``): the
    reference user of that level (:mod:`psalign.levels`); any ``user_id`` is only logged;
@@ -54,6 +56,20 @@ class PromptRecord:
     caption: str
     user: RecordUser | None
     data: dict  # the parsed line, kept for the generation log
+    seed: int | None = None  # the line's own sampling seed, if it gives one
+
+
+#: A line's ``seed`` must lie in [0, MAX_SEED] (what ``torch.Generator.manual_seed`` accepts without wrapping).
+MAX_SEED = 2**63 - 1
+
+
+def seed_problem(seed: object) -> str | None:
+    """Why ``seed`` cannot be a line's sampling seed (None if it can)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return f"must be an integer, got {seed!r}"
+    if not 0 <= seed <= MAX_SEED:
+        return f"must be between 0 and 2**63 - 1, got {seed}"
+    return None
 
 
 def file_name_problem(file_name: object) -> str | None:
@@ -181,6 +197,9 @@ def read_prompt_records(
                     problem(f"duplicate of line {seen[file_name]}", "file_name")
                 else:
                     seen[file_name] = number
+            seed = data.get("seed")
+            if seed is not None and (reason := seed_problem(seed)):
+                problem(reason, "seed")
             user = None
             if need_users or need_profiles or "user_data" in data:
                 if "user_data" not in data:
@@ -201,5 +220,5 @@ def read_prompt_records(
                 problem(f"user {user.label} has no profile here; give safety_level or profile fields "
                         "(Banned_Categories, ...)", "user_data")
             if len(problems) == before:
-                records.append(PromptRecord(number, file_name, caption, user, data))
+                records.append(PromptRecord(number, file_name, caption, user, data, seed))
     return records, problems
