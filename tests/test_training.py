@@ -307,6 +307,35 @@ def test_chosen_and_rejected_share_noise_and_timestep(tiny_sd15_path):
     assert out.model_mse.item() != pytest.approx(out.reference_mse.item(), abs=1e-6)  # the adapter acts
 
 
+def test_timestep_bias_decides_which_timesteps_the_unet_sees(tiny_sd15_path, training_set, tmp_path):
+    from psalign.training.timesteps import timestep_weights
+
+    unet, scheduler, adapter = unet_with_random_adapter(tiny_sd15_path)
+    seen = []
+    unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    inputs = (torch.randn(64, 4, 8, 8), TextConditioning(torch.randn(32, 77, 32)), None,
+              torch.randn(32, USER_DIM), torch.zeros(32, dtype=torch.bool))
+    weights = timestep_weights(scheduler.config.num_train_timesteps, "earlier", multiplier=0.0, portion=0.5)
+    trainer_module.dpo_step_loss(unet, adapter, adapter, scheduler, *inputs, 1.0, 0.0, weights)
+    model_t, reference_t = seen
+    assert torch.equal(model_t, reference_t) and torch.equal(model_t[:32], model_t[32:])  # shared per pair
+    assert model_t.min() >= 500 and len(set(model_t.tolist())) > 10
+    seen.clear()
+    torch.manual_seed(3)
+    trainer_module.dpo_step_loss(unet, adapter, adapter, scheduler, *inputs, 1.0)
+    torch.manual_seed(3)
+    torch.randn(32, 4, 8, 8)  # the step draws its noise first
+    assert torch.equal(seen[0][:32], torch.randint(0, 1000, (32,)))  # no bias: the draws of before
+
+    data, embeds = training_set  # the trainer builds the weights from its config, with the scheduler's length
+    trainer = PSATrainer(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "run", timestep_bias_strategy="later",
+                                     timestep_bias_portion=0.1, timestep_bias_multiplier=3.0))
+    assert trainer.timestep_weights.tolist() == [1.0] * 900 + [3.0] * 100
+    with pytest.raises(InputError, match="timestep_bias_begin/end: need 0 <= begin < end <= 1000"):
+        PSATrainer(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "bad", timestep_bias_strategy="range",
+                               timestep_bias_begin=10, timestep_bias_end=2000))
+
+
 def test_chosen_loss_weight_adds_the_chosen_error_gap_to_the_step_loss(
     tiny_sd15_path, training_set, tmp_path, monkeypatch
 ):
@@ -326,7 +355,7 @@ def test_chosen_loss_weight_adds_the_chosen_error_gap_to_the_step_loss(
     captured = []
     monkeypatch.setattr(trainer_module, "dpo_step_loss", lambda *args: captured.append(args))
     trainer._micro_step(collate_pairs([trainer.dataset[(0, i)] for i in range(2)]))
-    assert captured[0][9:] == (trainer.config.beta_dpo, 2.5)
+    assert captured[0][9:] == (trainer.config.beta_dpo, 2.5, None)  # None: uniform timesteps
 
 
 # ---------------------------------------------------------------------------------------------- inputs

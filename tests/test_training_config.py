@@ -69,6 +69,19 @@ def test_missing_and_out_of_range_arguments_name_their_flags():
         load_training_config(None, {**REQUIRED, "validation_steps": 10})
 
 
+def test_timestep_bias_arguments_are_checked_before_training():
+    with pytest.raises(InputError) as err:
+        load_training_config(None, {**REQUIRED, "timestep_bias_strategy": "middle", "timestep_bias_multiplier": -1,
+                                    "timestep_bias_portion": 0, "timestep_bias_begin": 5, "timestep_bias_end": 5})
+    text = str(err.value)
+    assert "--timestep_bias_strategy: 'middle' is not one of none, earlier, later, range" in text
+    assert "--timestep_bias_multiplier: must be >= 0, got -1.0" in text
+    assert "--timestep_bias_portion: must be in (0, 1], got 0.0" in text
+    assert "--timestep_bias_end: must be > timestep_bias_begin (5), got 5" in text
+    config = load_training_config(None, {**REQUIRED, "timestep_bias_strategy": "earlier", "timestep_bias_multiplier": 0})
+    assert (config.timestep_bias_strategy, config.timestep_bias_multiplier, config.timestep_bias_end) == ("earlier", 0.0, None)
+
+
 @pytest.mark.parametrize(
     "kind, model, resolution, batch, accumulation, pairs_per_step",
     [

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from psalign.io import InputError, InputProblem
+from .timesteps import TIMESTEP_BIAS_STRATEGIES
 
 #: ``--model_type`` values; ``auto`` detects SDXL from the model's two text encoders.
 MODEL_TYPES = ("auto", "sd15", "sdxl")
@@ -81,6 +82,16 @@ class TrainingConfig:
         "weight of the chosen images' denoising error (model minus reference) added to the Diffusion-DPO loss; "
         "keeps the model from winning by denoising both images worse (0: the published loss)",
     )
+    timestep_bias_strategy: str = _arg(
+        "none",
+        "draw training timesteps uniformly (none) or bias a block of them: earlier (the least noisy "
+        "timestep_bias_portion), later (the noisiest), range ([timestep_bias_begin, timestep_bias_end))",
+        choices=TIMESTEP_BIAS_STRATEGIES,
+    )
+    timestep_bias_multiplier: float = _arg(1.0, "sampling weight of the biased timesteps (0: never drawn)")
+    timestep_bias_portion: float = _arg(0.25, "fraction of the timesteps biased by earlier / later")
+    timestep_bias_begin: int = _arg(0, "first biased timestep of range")
+    timestep_bias_end: int | None = _arg(None, "end (excluded) of range (default: the scheduler's number of timesteps)")
     proportion_empty_prompts: float = _arg(0.2, "fraction of pairs trained with the empty prompt (text dropout)")
     user_dropout: float = _arg(0.1, "fraction of pairs trained with the null user (the guidance branch's user)")
     # ---- optimisation
@@ -190,7 +201,8 @@ def _range_problems(config: TrainingConfig) -> list[tuple[str, str]]:
     for name in positive:
         if getattr(config, name) < 1:
             problems.append((name, f"must be >= 1, got {getattr(config, name)}"))
-    for name in ("lr_warmup_steps", "validation_steps", "dataloader_num_workers", "chosen_loss_weight"):
+    for name in ("lr_warmup_steps", "validation_steps", "dataloader_num_workers", "chosen_loss_weight",
+                 "timestep_bias_multiplier", "timestep_bias_begin"):
         if getattr(config, name) < 0:
             problems.append((name, f"must be >= 0, got {getattr(config, name)}"))
     for name in ("learning_rate", "beta_dpo", "max_grad_norm", "lora_alpha"):
@@ -199,6 +211,11 @@ def _range_problems(config: TrainingConfig) -> list[tuple[str, str]]:
     for name in ("proportion_empty_prompts", "user_dropout"):
         if not 0.0 <= getattr(config, name) < 1.0:
             problems.append((name, f"must be in [0, 1), got {getattr(config, name)}"))
+    if not 0.0 < config.timestep_bias_portion <= 1.0:
+        problems.append(("timestep_bias_portion", f"must be in (0, 1], got {config.timestep_bias_portion}"))
+    if config.timestep_bias_end is not None and config.timestep_bias_end <= config.timestep_bias_begin:
+        problems.append(("timestep_bias_end", f"must be > timestep_bias_begin ({config.timestep_bias_begin}), "
+                                              f"got {config.timestep_bias_end}"))
     if config.resolution % 8:
         problems.append(("resolution", f"must be a multiple of 8 (the VAE's downsampling), got {config.resolution}"))
     if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:

@@ -50,6 +50,7 @@ from .conditioning import (
 )
 from .config import TrainingConfig
 from .data import SeededPairs, micro_batches, resolve_train_data
+from .timesteps import sample_timesteps, timestep_weights
 from .precompute import (
     CachedPairs,
     cache_files,
@@ -224,6 +225,7 @@ def dpo_step_loss(
     null_user: torch.Tensor | None,
     beta: float,
     chosen_weight: float = 0.0,
+    timestep_weights: torch.Tensor | None = None,
 ) -> DPOLossOutput:
     """Diffusion-DPO loss of one micro-batch of B pairs (:func:`psalign.loss.dpo_loss`'s ``beta`` and ``chosen_weight``).
 
@@ -231,13 +233,14 @@ def dpo_step_loss(
     ``time_ids`` (B, 6) or None, ``user_embeds`` (B, D) and ``null_user`` (B,) are per pair (both
     None for trainable weights without a user, such as :class:`~psalign.training.lora.UNetLoRA`).
     ``adapter_module`` is the (possibly DDP-wrapped) ``adapter``: calling it keeps gradients in sync.
-    Noise and timesteps come from the global RNG, one per pair, shared by chosen and rejected.
+    Noise and timesteps come from the global RNG, one per pair, shared by chosen and rejected;
+    timesteps are uniform, or drawn in proportion to ``timestep_weights`` (:mod:`.timesteps`).
     """
     pairs = latents.shape[0] // 2
     latents = latents.float().contiguous()
     noise = torch.randn(latents[:pairs].shape, device=latents.device).repeat(2, 1, 1, 1)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (pairs,), device=latents.device
+    timesteps = sample_timesteps(
+        pairs, noise_scheduler.config.num_train_timesteps, timestep_weights, latents.device
     ).repeat(2)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(unet.dtype)
     kwargs = unet_conditioning(
@@ -337,11 +340,20 @@ class PSATrainer:
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         config, device = self.config, self.accelerator.device
+        self.noise_scheduler = DDPMScheduler.from_pretrained(config.pretrained_model, subfolder="scheduler")
+        try:
+            self.timestep_weights = timestep_weights(
+                self.noise_scheduler.config.num_train_timesteps, config.timestep_bias_strategy,
+                config.timestep_bias_multiplier, config.timestep_bias_portion, config.timestep_bias_begin,
+                config.timestep_bias_end,
+            )
+        except ValueError as error:  # the bounds that depend on the scheduler's number of timesteps
+            field, _, reason = str(error).partition(": ")
+            raise InputError([InputProblem(f"{config.pretrained_model} (scheduler)", 0, reason, field)]) from None
         self.unet = UNet2DConditionModel.from_pretrained(config.pretrained_model, subfolder="unet")
         self.unet.requires_grad_(False).eval().to(device, self.dtype)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.noise_scheduler = DDPMScheduler.from_pretrained(config.pretrained_model, subfolder="scheduler")
         if config.trainable == "lora":
             from .lora import UNetLoRA
 
@@ -434,7 +446,7 @@ class PSATrainer:
         text = text.where(drop_text, self._empty_text())
         return dpo_step_loss(
             self.unet, self.adapter_module, self.adapter, self.noise_scheduler, latents, text, time_ids,
-            user_embeds, null_user, config.beta_dpo, config.chosen_loss_weight,
+            user_embeds, null_user, config.beta_dpo, config.chosen_loss_weight, self.timestep_weights,
         )
 
     # ------------------------------------------------------------------ run
