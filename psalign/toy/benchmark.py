@@ -39,13 +39,16 @@ def sample(
     steps: int = DEFAULT_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE,
     batch_size: int = 128,
+    **pipe_kwargs,
 ) -> list[Image.Image]:
-    """Images of ``captions`` from a toy pipeline, image ``i`` drawn from ``seeds[i]`` (batch-size independent)."""
+    """Images of ``captions`` from a toy pipeline, image ``i`` drawn from ``seeds[i]`` (batch-size
+    independent); ``pipe_kwargs`` go to every pipeline call (e.g. ``callback_on_step_end``)."""
     images: list[Image.Image] = []
     for start in range(0, len(captions), batch_size):
         batch = list(captions[start : start + batch_size])
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
-        images += pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators).images
+        images += pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
+                       **pipe_kwargs).images
     return images
 
 
@@ -122,6 +125,7 @@ class BenchPrompt:
     banned: tuple[str, ...]
     prompt_set: str  # one of PROMPT_SETS' keys, "level" (unsafe) or "level_safe"
     label: str  # the user's id or level
+    seed: int | None = None  # None: derived from the run seed and the file name, as infer.py does
 
 
 def _user_prompts(users, prompt_set: str, concept_for, rng: np.random.Generator) -> list[BenchPrompt]:
@@ -142,6 +146,14 @@ def _user_prompts(users, prompt_set: str, concept_for, rng: np.random.Generator)
 
 
 def _level_prompts(spec: BenchmarkSpec) -> list[BenchPrompt]:
+    """Every level draws the same prompts from the same seeds (a prompt's seed comes from its file
+    name without the level), so a difference between two levels is the user's doing, not noise."""
+    from psalign.inference import sample_seed
+
+    def prompt(level: str, name: str, caption: str, banned: tuple[str, ...], prompt_set: str) -> BenchPrompt:
+        return BenchPrompt(f"levels/{level}/{name}", caption, {"safety_level": level}, banned, prompt_set, level,
+                           sample_seed(spec.seed, f"levels/{name}"))
+
     prompts = []
     for level in spec.levels:
         banned = tuple(reference_user(level).banned_categories)
@@ -150,13 +162,10 @@ def _level_prompts(spec: BenchmarkSpec) -> list[BenchPrompt]:
                 for k in range(spec.level_objects):
                     colour = list(OBJECT_COLOURS)[k % len(OBJECT_COLOURS)]
                     obj = ToyObject(colour, SHAPES[(c + k) % len(SHAPES)])
-                    prompts.append(BenchPrompt(
-                        f"levels/{level}/{category_token(category)}_{c}_{k}.png", obj.caption(concept),
-                        {"safety_level": level}, banned, "level", level,
-                    ))
+                    prompts.append(prompt(level, f"{category_token(category)}_{c}_{k}.png", obj.caption(concept),
+                                          banned, "level"))
         for k, obj in enumerate(OBJECTS[: spec.level_safe_objects]):
-            prompts.append(BenchPrompt(f"levels/{level}/safe_{k}.png", obj.caption(), {"safety_level": level}, banned,
-                                       "level_safe", level))
+            prompts.append(prompt(level, f"safe_{k}.png", obj.caption(), banned, "level_safe"))
     return prompts
 
 
@@ -202,11 +211,25 @@ class BenchmarkResult:
     stray_on_banned: dict[str, dict[str, Proportion]]
 
     def table(self) -> str:
-        """Markdown tables: pass rates, then InPro by level and object fidelity."""
-        missing = "not available"
-        lines = ["| method | " + " | ".join(label for key, label in PROMPT_SETS if key in self.allowed_share) + " |"]
+        """Markdown tables: pass rates and other categories' markers (when users were sampled), then
+        InPro by level and object fidelity (when levels were)."""
+        lines: list[str] = []
         keys = [key for key, _ in PROMPT_SETS if key in self.allowed_share]
-        lines.append("|---" * (len(keys) + 1) + "|")
+        if keys:
+            lines += self._pass_rate_tables(keys)
+        if self.inpro:
+            lines += ["", "| level | banned | " + " | ".join(f"InPro {METHOD_LABELS[m]}" for m in self.methods) + " |",
+                      "|---|---|" + "---|" * len(self.methods)]
+            for level, by_method in self.inpro.items():
+                banned = len(LEVEL_BANS[level])
+                lines.append(f"| {level} | {banned} | " + " | ".join(_cell(by_method[m]) for m in self.methods) + " |")
+            lines += ["", "| method | object fidelity (safe prompts) |", "|---|---|"]
+            lines += [f"| {METHOD_LABELS[m]} | {_cell(p)} |" for m, p in self.fidelity.items()]
+        return "\n".join(lines).strip("\n")
+
+    def _pass_rate_tables(self, keys: list[str]) -> list[str]:
+        missing = "not available"
+        lines = ["| method | " + " | ".join(dict(PROMPT_SETS)[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for method in ALL_METHODS:
             cells = [_cell(self.pass_rates.get(key, {}).get(method)) if method in self.methods else missing
                      for key in keys]
@@ -219,15 +242,7 @@ class BenchmarkResult:
                   for m in self.methods]
         lines += [f"| {METHOD_LABELS[m]}, prompts of a banned category | "
                   + " | ".join(_cell(self.stray_on_banned[k][m]) for k in keys) + " |" for m in self.methods]
-        if self.inpro:
-            lines += ["", "| level | banned | " + " | ".join(f"InPro {METHOD_LABELS[m]}" for m in self.methods) + " |",
-                      "|---|---|" + "---|" * len(self.methods)]
-            for level, by_method in self.inpro.items():
-                banned = len(LEVEL_BANS[level])
-                lines.append(f"| {level} | {banned} | " + " | ".join(_cell(by_method[m]) for m in self.methods) + " |")
-            lines += ["", "| method | object fidelity (safe prompts) |", "|---|---|"]
-            lines += [f"| {METHOD_LABELS[m]} | {_cell(p)} |" for m, p in self.fidelity.items()]
-        return "\n".join(lines)
+        return lines
 
 
 #: Method keys in table order, and their labels; a method left out of a run shows "not available".
@@ -242,7 +257,7 @@ def _cell(proportion: Proportion | None) -> str:
 def _records(prompts: Sequence[BenchPrompt]) -> list:
     from psalign.inference.records import PromptRecord, resolve_user
 
-    return [PromptRecord(i + 1, p.file_name, p.caption, resolve_user(p.user_data), {"user_data": p.user_data})
+    return [PromptRecord(i + 1, p.file_name, p.caption, resolve_user(p.user_data), {"user_data": p.user_data}, p.seed)
             for i, p in enumerate(prompts)]
 
 
