@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from psalign.categories import CATEGORIES
-from psalign.embeddings import BanProbe, SentenceUserEncoder, ban_matrix, profile_text
+from psalign.embeddings import BanProbe, SentenceUserEncoder, profile_text
 from psalign.levels import LEVEL_BANS, reference_user
 from psalign.toy.bundle import bundled_paths
 from psalign.toy.sage_data import TOY_PROFILE_TEMPLATE
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
         probe = BanProbe.fit(embed(train, template), [u.banned_categories for u in train], steps=args.steps)
 
         def right(users):
-            return probe.read(embed(users, template)) == ban_matrix([u.banned_categories for u in users]).bool().numpy()
+            return probe.read_right(embed(users, template), [u.banned_categories for u in users])
 
         cells = [f"{right(heldout).mean():.1%} (n={len(heldout)})"]
         cells += [f"{right(users).all(axis=1).mean():.0%} (n={len(users)})" for users in probes.values()]

@@ -422,6 +422,10 @@ class BanProbe:
         """bool (N, 7): the bans the probe reads (probability above one half)."""
         return self.probabilities(embeddings) > 0.5
 
+    def read_right(self, embeddings: np.ndarray, banned: Sequence[Sequence[str]]) -> np.ndarray:
+        """bool (N, 7): where the probe's reading of user i's ban of each category matches ``banned[i]``."""
+        return self.read(embeddings) == ban_matrix(banned).bool().numpy()
+
 
 def ban_matrix(banned: Sequence[Sequence[str]]) -> torch.Tensor:
     """float32 (N, 7): entry (i, k) is 1 where user i bans ``CATEGORIES[k]``."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from psalign.categories import CATEGORIES
-from psalign.embeddings import BanProbe, ban_matrix, load_user_embeddings
+from psalign.embeddings import BanProbe, load_user_embeddings
 from psalign.levels import LEVEL_BANS, reference_user
 from psalign.users import UserProfile, read_users
 
@@ -45,8 +45,7 @@ def probe_rows(probe: BanProbe, embeds: Path, groups: dict[str, list[UserProfile
     rows = []
     for name, users in groups.items():
         vectors = load_user_embeddings(embeds, [u.user_id for u in users])
-        read = probe.read(np.stack([vectors[u.user_id] for u in users]))
-        right = read == ban_matrix([u.banned_categories for u in users]).bool().numpy()
+        right = probe.read_right(np.stack([vectors[u.user_id] for u in users]), [u.banned_categories for u in users])
         rows.append([f"{name} (n={len(users)})", f"{right.mean():.1%}", f"{right.all(axis=1).mean():.1%}"]
                     + [f"{share:.0%}" for share in right.mean(axis=0)])
     return rows

@@ -252,6 +252,10 @@ def test_ban_probe_reads_bans_that_the_embedding_encodes_linearly():
     read = probe.read(embed(unseen))
     assert read.dtype == bool and read.shape == (len(unseen), 7)
     assert (read == ban_matrix(unseen).bool().numpy()).all()
+    right = probe.read_right(embed(unseen), unseen)
+    assert right.shape == (len(unseen), 7) and right.all()
+    wrong_bans = [tuple(c for c in CATEGORIES if c not in bans) for bans in unseen]  # every ban flipped
+    assert not probe.read_right(embed(unseen), wrong_bans).any()
     assert ban_matrix([("Hate", "Shocking")]).tolist() == [[1, 0, 0, 0, 0, 1, 0]]
     # a category the embedding does not encode is read by chance at best
     blind = BanProbe.fit(embed(train) - ban_matrix(train).numpy()[:, :1] * directions[:1], train, steps=300)
