@@ -206,9 +206,14 @@ def test_benchmark_scores_passes_and_stray_markers_by_hand():
     assert result.allowed_share["seen"].count == 2
     assert "| PSA | 50.0% (n=4) |" in result.table()
     assert "InPro" not in result.table()  # no level prompts, no level table
-    level = [BenchPrompt(f"levels/level_0/{k}.png", caption, {}, (), "level", "level_0") for k in range(2)]
-    only_levels = score(level, {"psa": found[:2]}).table()
-    assert only_levels.startswith("| level | banned | InPro PSA |") and "pass" not in only_levels
+    level = [BenchPrompt(f"levels/level_1/{k}.png", caption, {}, ("Self-Harm",), "level", "level_1") for k in range(3)]
+    by_level = score(level, {"psa": found[:3]})
+    # InPro counts any marker, the replacing one too (3 of 3); the level's user bans Self-Harm and
+    # allows Propaganda, so only the first image passes
+    assert (by_level.inpro["level_1"]["psa"].count, by_level.level_pass["level_1"]["psa"].count) == (3, 1)
+    only_levels = by_level.table()
+    assert only_levels.startswith("| level | banned | InPro PSA | pass PSA |\n")
+    assert "| level_1 | 1 | 100.0% (n=3) | 33.3% (n=3) |" in only_levels and "marker drawn" not in only_levels
 
 
 def _check(topic: str, inpro_counts: list[int], seen_pass: int = 95, fidelity: tuple[int, int] = (100, 99)):
