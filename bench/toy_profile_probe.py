@@ -14,8 +14,8 @@ probe's probability that level_1, who bans only Sexuality, bans Sexuality.
 The PSA adapter reads the user through a linear projection of the same embedding, so a ban the
 probe cannot read is one the adapter is unlikely to follow (not the converse: training can
 still tie a readable ban to other bans it always came with). Templates use the placeholders of
-``psalign.embeddings.profile_text``; the default compares the bundle's toy template with the
-same lists reworded (``VERB_TEMPLATE``).
+``psalign.embeddings.profile_text``; the default compares the toy template with the same lists
+as labelled fields (``LABEL_TEMPLATE``, the first bundle's wording).
 """
 
 import argparse
@@ -31,14 +31,14 @@ from psalign.toy.bundle import bundled_paths
 from psalign.toy.sage_data import TOY_PROFILE_TEMPLATE
 from psalign.users import read_users
 
-#: The same two lists, each in a sentence of its own with its own verb.
-VERB_TEMPLATE = "The user bans {banned}. The user allows {allowed}."
+#: The same two lists as labelled fields, without verbs (the first toy bundle's wording).
+LABEL_TEMPLATE = "Banned image content: {banned}. Allowed image content: {allowed}."
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--templates", nargs="+", default=[TOY_PROFILE_TEMPLATE, VERB_TEMPLATE],
-                        help="profile templates to compare (default: the toy template and a reworded one)")
+    parser.add_argument("--templates", nargs="+", default=[LABEL_TEMPLATE, TOY_PROFILE_TEMPLATE],
+                        help="profile templates to compare (default: the first bundle's labelled lists and the toy template)")
     parser.add_argument("--bundle", type=Path, default=None, help="toy bundle whose users are read (default: bundled)")
     parser.add_argument("--steps", type=int, default=1000, help="probe optimisation steps")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")

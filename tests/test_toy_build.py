@@ -199,13 +199,13 @@ def test_build_flags_reach_the_config():
 
     parser = toy_build.add_build_arguments(argparse.ArgumentParser())
     defaults = toy_build.config_from_args(parser.parse_args([]))
-    assert (defaults.random_ban_share, defaults.substitution_pairs) == (0.5, False)
+    assert (defaults.random_ban_share, defaults.substitution_pairs) == (0.8, False)
     assert defaults.profile_template == toy_build.TOY_PROFILE_TEMPLATE
-    args = parser.parse_args(["--random_ban_share", "0.8", "--substitution_pairs",
-                              "--profile_template", "The user bans {banned}. The user allows {allowed}."])
+    args = parser.parse_args(["--random_ban_share", "0.6", "--substitution_pairs",
+                              "--profile_template", "Bans: {banned}. Allows: {allowed}."])
     config = toy_build.config_from_args(args)
-    assert (config.random_ban_share, config.substitution_pairs) == (0.8, True)
-    assert config.profile_template == "The user bans {banned}. The user allows {allowed}."
+    assert (config.random_ban_share, config.substitution_pairs) == (0.6, True)
+    assert config.profile_template == "Bans: {banned}. Allows: {allowed}."
     with pytest.raises(ValueError, match="random_ban_share"):
         toy_build.config_from_args(parser.parse_args(["--random_ban_share", "1.5"]))
     with pytest.raises(InputError, match="profile_template"):

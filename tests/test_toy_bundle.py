@@ -36,6 +36,23 @@ def test_bundle_is_complete_and_small(bundle):
     assert paths and all(path.startswith("<build>/") for path in paths)  # no paths of the building machine
 
 
+def test_bundled_embeddings_make_every_reference_users_bans_readable(bundle):
+    """A linear probe fitted like the adapter's user projection, on the training users, reads every
+    ban of level_0 ... level_5 (with the first bundle's labelled-lists template it read level_1 as
+    banning nothing)."""
+    from psalign.embeddings import BanProbe, load_user_embeddings
+    from psalign.levels import reference_user
+    from psalign.users import read_users
+
+    train = read_users(bundle.users_train)
+    vectors = load_user_embeddings(bundle.embeds, [u.user_id for u in train])
+    probe = BanProbe.fit(np.stack([vectors[u.user_id] for u in train]), [u.banned_categories for u in train])
+    levels = [reference_user(f"level_{k}") for k in range(6)]
+    level_vectors = load_user_embeddings(bundle.embeds, [u.user_id for u in levels])
+    assert probe.read_right(np.stack([level_vectors[u.user_id] for u in levels]),
+                            [u.banned_categories for u in levels]).all()
+
+
 def test_bundle_loads_with_stock_diffusers_and_the_adapter_fits(bundle):
     from diffusers import StableDiffusionPipeline
 

@@ -84,7 +84,7 @@ class BuildConfig:
     # sage
     train_users: int = 1000
     heldout_users: int = 50
-    random_ban_share: float = 0.5
+    random_ban_share: float = 0.8
     substitution_pairs: bool = False
     pool_seeds: int = 4
     sample_steps: int = toy_model.DEFAULT_STEPS

@@ -37,13 +37,14 @@ from .detect import detect
 from .model import load_pipeline
 from .world import CATEGORIES, OBJECTS, ToyObject, seen_concepts
 
-#: Profile text of a toy user for the sentence encoder: just the two category lists. A short text
-#: keeps them prominent in a mean-pooled sentence embedding: a linear probe on 1000 users' MiniLM
-#: embeddings reads every ban of held-out users 98% right after 200 small steps with it, 80% with
-#: the default template, whose profile attributes and instructions dilute the lists. One ban it
-#: does not make readable: a probe fitted like the adapter's projection reads the reference user
-#: who bans only Sexuality as banning nothing (``bench/toy_profile_probe.py`` compares wordings).
-TOY_PROFILE_TEMPLATE = "Banned image content: {banned}. Allowed image content: {allowed}."
+#: Profile text of a toy user for the sentence encoder: just the two category lists, each in a
+#: sentence with its own verb. A short text keeps them prominent in a mean-pooled sentence
+#: embedding: a linear probe on 1000 users' MiniLM embeddings reads the bans of held-out users far
+#: better than with the default template, whose profile attributes and instructions dilute the
+#: lists. The verbs matter too: with the lists as "Banned image content: ...; Allowed image
+#: content: ..." a probe fitted like the adapter's projection reads the reference user who bans
+#: only Sexuality as banning nothing (``bench/toy_profile_probe.py`` compares the wordings).
+TOY_PROFILE_TEMPLATE = "The user bans {banned}. The user allows {allowed}."
 POOL_DIR = "pool"
 METADATA = "metadata.jsonl"
 JPEG_QUALITY = 95
