@@ -50,7 +50,6 @@ from .conditioning import (
 )
 from .config import TrainingConfig
 from .data import SeededPairs, micro_batches, resolve_train_data
-from .timesteps import sample_timesteps, timestep_weights
 from .precompute import (
     CachedPairs,
     cache_files,
@@ -60,6 +59,7 @@ from .precompute import (
     precompute_cache,
     write_cache_info,
 )
+from .timesteps import sample_timesteps, timestep_weights
 from .validation import grid_array, save_grid, validation_grid, validation_pipeline
 
 #: Every optimizer step logs :data:`psalign.loss.LOSS_METRICS` plus ``lr``, ``grad_norm`` and ``pairs_per_second``.
