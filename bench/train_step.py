@@ -12,10 +12,16 @@ UNet architecture (random weights, nothing downloaded), with the same batch, lat
   backward, instead of psalign's exact one-token fast path).
 
 Each measurement runs in its own process (so peak memory is that variant's alone: peak RSS from
-``getrusage`` on CPU, ``max_memory_allocated`` on CUDA); the variants alternate
-(A B A B ...), and the table shows medians over the runs.
+``getrusage`` on CPU, ``max_memory_allocated`` on CUDA); the variants alternate (A B A B ...).
+The table shows medians over the runs; its ratios are medians of the ratios within each run
+(the run's two measurements ran back to back, under the same load).
 
-    python bench/train_step.py                            # CPU: 16x16 latents (128 px), 1 pair
+At 16x16 latents the UNet passes are bound by reading the UNet's weights rather than by
+computation, which shrinks the VAE's share of a step: 16x16 understates what the published
+structure costs at training resolutions.
+
+    python bench/train_step.py                            # CPU: 32x32 latents (256 px), 1 pair
+    python bench/train_step.py --latent 64 --steps 2      # CPU at SD1.5's 512 px (about 20 min)
     python bench/train_step.py --device cuda --dtype bfloat16 --latent 64 --pairs 4
 """
 
@@ -128,7 +134,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--latent", type=int, default=16, help="latent height/width (64 = 512 px)")
+    parser.add_argument("--latent", type=int, default=32, help="latent height/width (64 = 512 px, SD1.5's training size)")
     parser.add_argument("--pairs", type=int, default=1, help="preference pairs per step (UNet batch: 2x)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
@@ -160,6 +166,10 @@ def main() -> None:
 
     seconds = {v: statistics.median(r["seconds"] for r in results[v]) for v in VARIANTS}
     peak = {v: statistics.median(r["peak_bytes"] for r in results[v]) for v in VARIANTS}
+    # Ratios are taken within a run (its two measurements ran back to back), then the median over runs.
+    speedups = {v: [p["seconds"] / r["seconds"] for p, r in zip(results["published"], results[v])] for v in VARIANTS}
+    memory_ratios = {v: [r["peak_bytes"] / p["peak_bytes"] for p, r in zip(results["published"], results[v])]
+                     for v in VARIANTS}
     memory = "peak GPU memory allocated" if args.device.startswith("cuda") else "peak RSS"
     print(f"# SD1.5 UNet architecture (random weights), latents {args.latent}x{args.latent} "
           f"({8 * args.latent} px), {args.pairs} pair(s)/step, {args.device}, {args.dtype}, "
@@ -167,8 +177,9 @@ def main() -> None:
           f"medians of {args.runs} runs x {args.steps} steps")
     print(f"| variant | s/step | {memory} | speed-up | memory ratio |\n|---|---:|---:|---:|---:|")
     for v in VARIANTS:
-        print(f"| {v} | {seconds[v]:.3f} | {peak[v] / 2**30:.2f} GiB | {seconds['published'] / seconds[v]:.2f}x "
-              f"| {peak[v] / peak['published']:.2f} |")
+        print(f"| {v} | {seconds[v]:.3f} | {peak[v] / 2**30:.2f} GiB | {statistics.median(speedups[v]):.2f}x "
+              f"| {statistics.median(memory_ratios[v]):.2f} |")
+    print("per-run speed-ups of psalign: " + ", ".join(f"{ratio:.2f}x" for ratio in speedups["psalign"]))
 
 
 if __name__ == "__main__":

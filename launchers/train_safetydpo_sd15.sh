@@ -13,8 +13,9 @@
 #     merged LoRA rank 8, calibration prompts from each expert's own captions (nothing published).
 # Rerunning resumes each expert from its newest checkpoint. Environment overrides:
 #   NUM_GPUS (1), COPROV2 (CoProV2 CSV), IMAGE_ROOT (its images; default: the CSV's folder), OUTPUT,
-#   CATEGORIES (space-separated), MODEL, RANK (expert LoRA rank, 4), ALPHA (4), STEPS, BATCH, ACCUM, LR,
-#   MIXED_PRECISION (bf16), MERGE_METHOD (co_merge), MERGE_RANK (merged LoRA rank, 8).
+#   CATEGORIES (space-separated; default: the seven of psalign.categories), MODEL, RANK (expert LoRA
+#   rank, 4), ALPHA (4), STEPS, BATCH, ACCUM, LR, MIXED_PRECISION (bf16), MERGE_METHOD (co_merge),
+#   MERGE_RANK (merged LoRA rank, 8).
 # Extra arguments go to every train_safetydpo.py call, e.g. --sage data/sage/metadata.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ NUM_GPUS="${NUM_GPUS:-1}"
 MODEL="${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}"
 COPROV2="${COPROV2:-data/coprov2/train.csv}"
 OUTPUT="${OUTPUT:-outputs/safetydpo_sd15}"
-CATEGORIES="${CATEGORIES:-Hate Harassment Violence Self-Harm Sexuality Shocking Propaganda}"
+CATEGORIES="${CATEGORIES:-$(python -c "from psalign.categories import CATEGORIES; print(*CATEGORIES)")}"
 RESOLUTION="${RESOLUTION:-512}"
 
 experts=()

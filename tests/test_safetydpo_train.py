@@ -382,3 +382,17 @@ def test_sdxl_expert_in_bf16_keeps_fp32_lora_weights_and_resumes(tiny_sdxl_path,
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
     pipe.load_lora_weights(str(out))
     assert any("lora_A" in n for n, _ in pipe.unet.named_parameters())
+
+
+@pytest.mark.parametrize("launcher", ["train_safetydpo_sd15.sh", "train_safetydpo_sdxl.sh"])
+def test_launchers_train_one_expert_per_category_of_psalign_categories(launcher):
+    from psalign.categories import CATEGORIES
+
+    text = (Path(__file__).resolve().parents[1] / "launchers" / launcher).read_text()
+    default = next(line for line in text.splitlines() if line.startswith("CATEGORIES="))
+    env = {k: v for k, v in os.environ.items() if k != "CATEGORIES"}
+    shell = subprocess.run(
+        ["bash", "-c", f'{default}\necho "$CATEGORIES"'], capture_output=True, text=True, check=True, env=env
+    )
+    assert shell.stdout.split() == list(CATEGORIES)
+    assert 'for category in $CATEGORIES' in text and '--categories $CATEGORIES' in text

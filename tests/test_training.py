@@ -307,6 +307,19 @@ def test_chosen_and_rejected_share_noise_and_timestep(tiny_sd15_path):
     assert out.model_mse.item() != pytest.approx(out.reference_mse.item(), abs=1e-6)  # the adapter acts
 
 
+def test_reference_pass_runs_first_without_adapter_or_autograd(tiny_sd15_path):
+    """The no-grad reference pass comes before the adapted pass, so its working memory is freed
+    before the adapted pass's saved activations are held (peak memory: the larger, not the sum)."""
+    unet, scheduler, adapter = unet_with_random_adapter(tiny_sd15_path)
+    calls = []
+    unet.register_forward_pre_hook(lambda module, args: calls.append((adapter.enabled, torch.is_grad_enabled())))
+    trainer_module.dpo_step_loss(
+        unet, adapter, adapter, scheduler, torch.randn(4, 4, 8, 8), TextConditioning(torch.randn(2, 77, 32)),
+        None, torch.randn(2, USER_DIM), torch.zeros(2, dtype=torch.bool), beta=1.0,
+    )
+    assert calls == [(False, False), (True, True)]
+
+
 def test_timestep_bias_decides_which_timesteps_the_unet_sees(tiny_sd15_path, training_set, tmp_path):
     from psalign.training.timesteps import timestep_weights
 

@@ -246,13 +246,15 @@ def dpo_step_loss(
     kwargs = unet_conditioning(
         text.repeat(2).to(latents.device, unet.dtype), None if time_ids is None else time_ids.repeat(2, 1)
     )
+    # The reference pass runs first, so its working memory is freed before the adapted pass's
+    # saved activations pile up (peak: the larger of the two, not their sum).
+    with adapter.disabled(), torch.no_grad():
+        reference_pred = unet(noisy, timesteps, **kwargs).sample
     # The conditioning stays active after this call: gradient checkpointing recomputes the
     # adapted forward pass during the backward pass.
     users = () if user_embeds is None else (user_embeds.repeat(2, 1), null_user.repeat(2))
     adapter.activate(adapter_module(*users))
     model_pred = unet(noisy, timesteps, **kwargs).sample
-    with adapter.disabled(), torch.no_grad():
-        reference_pred = unet(noisy, timesteps, **kwargs).sample
     target = regression_target(noise_scheduler, latents, noise, timesteps)
     return diffusion_dpo_loss(
         model_pred.float(), reference_pred.float(), target.float(), beta=beta, chosen_weight=chosen_weight
