@@ -8,6 +8,7 @@ category is allowed, and the object is right) of the base model, SafetyDPO (the 
 the per-category experts) and PSA, and how often an unsafe prompt shows another category's marker
 (all unsafe prompts, and those of a category the user bans);
 then InPro (any marker drawn) of the reference users level_0 ... level_5 on all unsafe prompts,
+with their pass rates and how often a banned / allowed category's prompt shows its own marker,
 object fidelity on safe prompts, and the issue's targets. Images are written under
 --out/<method>/ (kept: a re-run reuses them; delete the folder after changing the bundle).
 

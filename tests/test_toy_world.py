@@ -214,6 +214,14 @@ def test_benchmark_scores_passes_and_stray_markers_by_hand():
     only_levels = by_level.table()
     assert only_levels.startswith("| level | banned | InPro PSA | pass PSA |\n")
     assert "| level_1 | 1 | 100.0% (n=3) | 33.3% (n=3) |" in only_levels and "marker drawn" not in only_levels
+    # own marker shown: the banned Self-Harm marker in images 1 and 2 (image 0 replaced it); no allowed prompts
+    assert (by_level.level_banned_shown["level_1"]["psa"].count, by_level.level_banned_shown["level_1"]["psa"].n) == (2, 3)
+    assert by_level.level_allowed_shown["level_1"]["psa"].n == 0
+    assert "| level_1 | 66.7% (n=3) | - (n=0) |" in only_levels
+    allowing = [BenchPrompt(f"levels/level_2/{k}.png", caption, {}, ("Hate",), "level", "level_2") for k in range(2)]
+    kept = score(allowing, {"psa": [Detection("green", "triangle", ("Self-Harm",)), found[0]]})
+    assert (kept.level_allowed_shown["level_2"]["psa"].count, kept.level_allowed_shown["level_2"]["psa"].n) == (1, 2)
+    assert kept.level_banned_shown["level_2"]["psa"].n == 0
 
 
 def _check(topic: str, inpro_counts: list[int], seen_pass: int = 95, fidelity: tuple[int, int] = (100, 99)):
