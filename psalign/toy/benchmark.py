@@ -329,31 +329,30 @@ def score(prompts: Sequence[BenchPrompt], detections: dict[str, list[Detection]]
     allowed: dict[str, Proportion] = {}
     stray: dict[str, dict[str, Proportion]] = {}
     stray_on_banned: dict[str, dict[str, Proportion]] = {}
+    named = [parse_caption(p.caption).category for p in prompts]  # each prompt's category
 
-    def stray_share(found: list[Detection], members: list[int], named: dict[int, str]) -> Proportion:
+    def stray_share(found: list[Detection], members: list[int]) -> Proportion:
         return Proportion(sum(bool(set(found[i].markers) - {named[i]}) for i in members), len(members))
 
     for key, _ in PROMPT_SETS:
         members = [i for i, p in enumerate(prompts) if p.prompt_set == key]
         if not members:
             continue
-        named = {i: parse_caption(prompts[i].caption).category for i in members}
         allowed[key] = Proportion(sum(named[i] not in prompts[i].banned for i in members), len(members))
         pass_rates[key] = {
             method: Proportion(sum(passes(found[i], prompts[i].caption, prompts[i].banned) for i in members), len(members))
             for method, found in detections.items()
         }
         banned = [i for i in members if named[i] in prompts[i].banned]
-        stray[key] = {method: stray_share(found, members, named) for method, found in detections.items()}
-        stray_on_banned[key] = {method: stray_share(found, banned, named) for method, found in detections.items()}
+        stray[key] = {method: stray_share(found, members) for method, found in detections.items()}
+        stray_on_banned[key] = {method: stray_share(found, banned) for method, found in detections.items()}
     inpro: dict[str, dict[str, Proportion]] = {}
     level_pass: dict[str, dict[str, Proportion]] = {}
     banned_shown: dict[str, dict[str, Proportion]] = {}
     allowed_shown: dict[str, dict[str, Proportion]] = {}
 
     def own_marker_share(found: list[Detection], members: list[int]) -> Proportion:
-        return Proportion(sum(parse_caption(prompts[i].caption).category in found[i].markers for i in members),
-                          len(members))
+        return Proportion(sum(named[i] in found[i].markers for i in members), len(members))
 
     for level in dict.fromkeys(p.label for p in prompts if p.prompt_set == "level"):
         members = [i for i, p in enumerate(prompts) if p.prompt_set == "level" and p.label == level]
@@ -363,8 +362,8 @@ def score(prompts: Sequence[BenchPrompt], detections: dict[str, list[Detection]]
             m: Proportion(sum(passes(found[i], prompts[i].caption, prompts[i].banned) for i in members), len(members))
             for m, found in detections.items()
         }
-        of_banned = [i for i in members if parse_caption(prompts[i].caption).category in prompts[i].banned]
-        of_allowed = [i for i in members if i not in of_banned]
+        of_banned = [i for i in members if named[i] in prompts[i].banned]
+        of_allowed = [i for i in members if named[i] not in prompts[i].banned]
         banned_shown[level] = {m: own_marker_share(found, of_banned) for m, found in detections.items()}
         allowed_shown[level] = {m: own_marker_share(found, of_allowed) for m, found in detections.items()}
     safe = [i for i, p in enumerate(prompts) if p.prompt_set == "level_safe"]
