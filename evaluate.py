@@ -25,6 +25,7 @@ from psalign.metrics.clip import DEFAULT_CLIP_MODEL
 from psalign.metrics.nudenet import NUDENET_MIN_SCORE
 from psalign.metrics.q16 import Q16_THRESHOLD
 from psalign.toy import inpro_flaggers, made_with_bundled_model
+from psalign.toy.world import IMAGE_SIZE as TOY_IMAGE_SIZE
 
 
 def _names(text: str) -> list[str]:
@@ -63,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     inpro = parser.add_argument_group("InPro")
     inpro.add_argument("--inpro_classifiers", type=_names, default=argparse.SUPPRESS,
-                       help=f"classifiers combined with OR, from {','.join([*INPRO_FLAGGERS, 'toy'])} (default: "
-                            f"{','.join(INPRO_FLAGGERS)}; toy when every folder was drawn by the bundled toy model)")
+                       help=f"classifiers combined with OR, from {','.join([*INPRO_FLAGGERS, *inpro_flaggers()])} "
+                            f"(default: {','.join(INPRO_FLAGGERS)}; toy when every folder was drawn by the bundled toy "
+                            "model)")
     inpro.add_argument("--q16_clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP ViT-L/14 hub id or local folder")
     inpro.add_argument("--q16_prompts", type=Path, default=None,
                        help="Q16 prompt vectors (.safetensors or .npy, shape (2, D)); default: the shipped file")
@@ -101,7 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a problem in the inputs, 130 interrupted (finished rows are kept)."""
     args = build_parser().parse_args(argv)
+    try:
+        run_evaluation(evaluation_config(args))
+    except (InputError, JudgeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the rows finished so far are in {args.output}; run the same command again to "
+              "compute the rest", file=sys.stderr)
+        return 130
+    return 0
+
+
+def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
+    """The :class:`EvaluationConfig` of parsed arguments (the device and InPro classifiers defaulted)."""
     if args.device is None:
         import torch
 
@@ -112,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             args.inpro_classifiers = ["toy"]
             print("the images come from the bundled toy model: InPro uses its marker detector (--inpro_classifiers toy)",
                   file=sys.stderr)
-    config = EvaluationConfig(
+    return EvaluationConfig(
         metrics=args.metrics,
         target_folders=args.target_folder,
         labels=args.labels,
@@ -125,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         recompute=args.recompute,
         inpro_classifiers=args.inpro_classifiers,
         extra_flaggers=inpro_flaggers(),
+        flagger_image_sizes={name: (TOY_IMAGE_SIZE, TOY_IMAGE_SIZE) for name in inpro_flaggers()},
         q16_clip_model=args.q16_clip_model,
         q16_prompts=args.q16_prompts,
         q16_threshold=args.q16_threshold,
@@ -144,12 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         baseline_label=args.baseline_label,
         plot=args.plot,
     )
-    try:
-        run_evaluation(config)
-    except (InputError, JudgeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,24 +8,38 @@ r"""Personalized generation from a prompts JSONL file (SD1.5 or SDXL, optionally
 Each line of the prompts file: {"file_name": "img_0001.png", "caption": "...", "user_data": {...}}
 with User_ID (embedding read from --embeds_folder), a profile (embedding computed with --llm_model),
 or safety_level (level_0 ... level_5, permissive / moderate / strict). Every problem in the inputs
-is reported as file:line before any model is loaded. Existing images are skipped (resume) unless
---overwrite. Without --load_psa the base model generates with the same per-image seeds.
+and options is reported as file:line (or --flag: reason) before any model is loaded, and nothing
+is written then. Existing images are skipped (resume) unless --overwrite; each image is written
+together with its generation_log.jsonl line, so Ctrl-C or a crash leaves a folder that resumes.
+Without --load_psa the base model generates with the same per-image seeds.
 """
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from psalign.inference import GenerationSettings, InferenceConfig, run_inference, with_toy_defaults
-from psalign.io import InputError
+from psalign.inference.records import MAX_CAPTION_CHARS, MAX_FILE_NAME_BYTES, USER_RULE
+from psalign.io import MAX_JSON_DEPTH, MAX_JSON_INT_DIGITS, MAX_LINE_BYTES, InputError
 from psalign.methods import method_names
 from psalign.methods.prompt import PROMPT_MODES
 from psalign.methods.sld import SLD_PRESETS
 from psalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
+EPILOG = f"""users: {textwrap.fill(USER_RULE, 100, subsequent_indent="  ")}
+
+bounds per prompts line: {MAX_LINE_BYTES} bytes, a caption of {MAX_CAPTION_CHARS} characters, a file_name
+of {MAX_FILE_NAME_BYTES} bytes (each part short enough for the file system with its temporary name),
+JSON nested at most {MAX_JSON_DEPTH} deep and integers of at most {MAX_JSON_INT_DIGITS} digits. user_data keys other than User_ID,
+safety_level, Cluster_ID and the profile fields are errors; other top-level keys are warned about.
+"""
+
+
 def parse_args(argv=None) -> InferenceConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--meta_data", type=Path, required=True, help="prompts JSONL file")
     io.add_argument("--save_path", type=Path, required=True, help="output folder for images and generation_log.jsonl")
@@ -68,8 +82,6 @@ def parse_args(argv=None) -> InferenceConfig:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                      help="pipeline dtype (default: float16 on GPU, float32 on CPU)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
     sampling = {k: getattr(args, k) for k in ("num_inference_steps", "guidance_scale") if getattr(args, k) is not None}
     settings = GenerationSettings(
         seed=args.seed,
@@ -87,12 +99,17 @@ def parse_args(argv=None) -> InferenceConfig:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done, 2 a problem in the inputs (nothing written), 130 interrupted (resumable)."""
     config = parse_args(argv)
     try:
         written = run_inference(config)
     except InputError as error:
         print(error, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the images in {config.save_path} are kept with their log lines; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
     print(f"wrote {len(written)} image(s) to {config.save_path}")
     return 0
 

@@ -13,9 +13,9 @@ Merge experts with python -m psalign.safetydpo.merge_experts.
 import argparse
 import sys
 
-from psalign.io import InputError
 from psalign.safetydpo.data import write_expert_data
-from psalign.training import add_training_arguments, config_from_args, train
+from psalign.training import add_training_arguments, config_from_args
+from psalign.training.cli import EXIT_REFUSED, run_training
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,18 +33,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Exit status as ``train_psa.py``'s: 0 done, 2 refused inputs or a stopped run, 130 interrupted."""
     args = parse_args(argv)
-    try:  # ValueError: an unknown category or no data source
+    try:  # ValueError (InputError included): an unknown category, no data source, bad data
         args.train_data = str(write_expert_data(args.output_dir, args.category, args.coprov2, args.image_root, args.sage))
     except ValueError as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as err:  # e.g. --output_dir is a file
+        print(f"error: cannot write the expert pairs into {args.output_dir}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_REFUSED
     args.trainable = "lora"
-    try:
-        train(config_from_args(args))
-    except InputError as err:
-        sys.exit(f"error: {err}")
+    return run_training(lambda: config_from_args(args))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,7 +5,7 @@
 #   NUM_GPUS (4), DATA (metadata.jsonl or its folder), EMBEDS, OUTPUT; and, over the config file,
 #   MODEL, BATCH (per GPU), ACCUM, MIXED_PRECISION. Extra arguments go to train_psa.py, e.g.
 #   NUM_GPUS=8 ACCUM=8 DATA=/data/sage EMBEDS=/data/embeds bash launchers/train_psa_sdxl.sh --precompute
-# Multi-node, DeepSpeed and FSDP: `accelerate config`, or ACCELERATE_ARGS="--config_file my_accelerate.yaml".
+# Multi-node: `accelerate config`, or ACCELERATE_ARGS="--config_file my_accelerate.yaml" (DDP; DeepSpeed and FSDP are refused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

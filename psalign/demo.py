@@ -3,9 +3,11 @@
 Writes a ``prompts.jsonl`` for three reference users (``level_0``: nothing banned, ``level_3``:
 Violence, Self-Harm, Sexuality and Shocking banned, ``level_5``: everything banned), generates it
 through ``infer.py``'s code path with the bundled toy model and PSA adapter, and writes the images
-plus one contact sheet (rows = users, columns = prompts, one seed per column). Each unsafe toy prompt asks for its
-category's marker (a coloured glyph in the top-right corner); the adapter should keep a marker only
-for the users who allow its category. The toy detector's reading of every image is printed too.
+plus one contact sheet (rows = users with what they ban, columns = prompts, one seed per column,
+a verdict under every image, a legend of the markers). Each unsafe toy prompt asks for its
+category's marker (a coloured glyph in the top-right corner); the adapter should draw a marker
+for the users who allow its category and remove it cleanly for those who ban it. The toy
+detector's verdict on every image is printed too.
 
     python -m psalign.demo --out demo_out
 """
@@ -16,14 +18,17 @@ import argparse
 import json
 from pathlib import Path
 
-from PIL import Image
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
 
 from psalign.inference import InferenceConfig, run_inference, with_toy_defaults
 from psalign.inference.grid import contact_sheet
 from psalign.io import atomic_path, atomic_write
 from psalign.levels import LEVEL_BANS
-from psalign.toy.detect import detect
-from psalign.toy.world import EXAMPLE_CAPTIONS, parse_caption
+from psalign.toy.detect import Detection, detect, marker_outcome
+from psalign.toy.world import BACKGROUND, EXAMPLE_CAPTIONS, MARKERS, parse_caption
 
 DEMO_LEVELS = ("level_0", "level_3", "level_5")
 DEMO_PROMPTS = EXAMPLE_CAPTIONS
@@ -39,20 +44,49 @@ def demo_records() -> list[dict]:
     ]
 
 
-def describe(image: Image.Image, caption: str, banned: tuple[str, ...]) -> str:
-    """What the detector sees, against what the user wants: ``"Violence marker: drawn (allowed)"``,
-    plus any other category's marker (``"; also drawn: Propaganda marker (allowed)"``)."""
+def verdict(detection: Detection, caption: str, banned: Sequence[str]) -> tuple[str, bool]:
+    """``(what became of the prompt's marker, whether that is what the user wants)``.
+
+    The words are ``drawn``, ``removed cleanly``, ``replaced by <category>`` and ``blob`` (no
+    marker, but the marker box is not clean), after :func:`~psalign.toy.detect.marker_outcome`;
+    a safe prompt gives ``no marker`` or what was drawn instead. A banned marker is wanted
+    removed cleanly, an allowed one drawn.
+    """
     category = parse_caption(caption).category
-    drawn = detect(image).markers
+    outcome = marker_outcome(detection, category) if category else ("clean" if detection.box_clean else "replaced")
+    words = {"drawn": "drawn", "clean": "removed cleanly", "smudged": "blob",
+             "replaced": "replaced by " + ", ".join(detection.markers)}[outcome]
     if category is None:
-        return "safe prompt: " + ("no marker" if not drawn else f"unexpected marker {', '.join(drawn)}")
+        words = "no marker" if outcome == "clean" else ("blob" if detection.smudged else "drew " + ", ".join(detection.markers))
+        return words, outcome == "clean"
+    wanted = "clean" if category in banned else "drawn"
+    return words, outcome == wanted
 
-    def wanted(c: str) -> str:
-        return "banned" if c in banned else "allowed"
 
-    seen = f"{category} marker: {'drawn' if category in drawn else 'not drawn'} ({wanted(category)})"
-    others = [f"{c} marker ({wanted(c)})" for c in drawn if c != category]
-    return seen + (f"; also drawn: {', '.join(others)}" if others else "")
+def describe(image: Image.Image, caption: str, banned: Sequence[str]) -> str:
+    """One line of the printed report: ``"Violence marker (banned): removed cleanly, as wanted"``."""
+    words, right = verdict(detect(image), caption, banned)
+    category = parse_caption(caption).category
+    subject = "safe prompt" if category is None else f"{category} marker ({'banned' if category in banned else 'allowed'})"
+    return f"{subject}: {words}, {'as wanted' if right else 'NOT as wanted'}"
+
+
+def marker_legend(cell: int = 48) -> Image.Image:
+    """One tile per category: its marker glyph in its colour on the background, named below."""
+    from psalign.toy.render import GLYPHS
+
+    n = len(MARKERS)
+    legend = Image.new("RGB", (n * (cell + 40), cell + 30), "white")
+    draw = ImageDraw.Draw(legend)
+    for k, (category, marker) in enumerate(MARKERS.items()):
+        glyph = GLYPHS[marker.glyph]
+        tile = np.empty((*glyph.shape, 3), dtype=np.uint8)
+        tile[:] = BACKGROUND
+        tile[glyph] = marker.colour
+        left = k * (cell + 40) + 20
+        legend.paste(Image.fromarray(tile).resize((cell, cell), Image.Resampling.NEAREST), (left, 4))
+        draw.text((left + cell // 2 - 3 * len(category), cell + 10), category, fill="black")
+    return legend
 
 
 def main(argv=None) -> Path:
@@ -69,18 +103,25 @@ def main(argv=None) -> Path:
     )
     run_inference(config)
     rows = [[Image.open(images_dir / f"{level}/prompt_{p}.png") for p in range(len(DEMO_PROMPTS))] for level in DEMO_LEVELS]
+    verdicts = []
     for level, row in zip(DEMO_LEVELS, rows):
         print(f"{level} (bans: {', '.join(LEVEL_BANS[level]) or 'nothing'})")
+        verdicts.append([])
         for caption, image in zip(DEMO_PROMPTS, row):
+            words, right = verdict(detect(image), caption, LEVEL_BANS[level])
+            verdicts[-1].append(words + ("" if right else " (!)"))
             print(f"  {caption!r}: {describe(image, caption, LEVEL_BANS[level])}")
-    # 32 px toy images, enlarged without smoothing so the markers stay readable.
-    enlarged = [[image.resize((128, 128), Image.NEAREST) for image in row] for row in rows]
-    # Full captions do not fit a 128 px column: label each by the category its concept stands for.
-    columns = [parse_caption(caption).category or "safe prompt" for caption in DEMO_PROMPTS]
-    sheet = contact_sheet(enlarged, list(DEMO_LEVELS), columns, cell=128, label_width=90)
+    row_labels = [f"{level}\nbans: {', '.join(LEVEL_BANS[level]) or 'nothing'}" for level in DEMO_LEVELS]
+    # 32 px toy images, enlarged without smoothing so the markers stay crisp.
+    sheet = contact_sheet(rows, row_labels, list(DEMO_PROMPTS), cell=128, label_width=150, cell_labels=verdicts,
+                          resample=Image.Resampling.NEAREST)
+    legend = marker_legend()
+    page = Image.new("RGB", (max(sheet.width, legend.width), sheet.height + legend.height + 10), "white")
+    page.paste(sheet, (0, 0))
+    page.paste(legend, (0, sheet.height + 10))
     sheet_path = args.out / "contact_sheet.png"
     with atomic_path(sheet_path, suffix=".png") as tmp:
-        sheet.save(tmp)
+        page.save(tmp)
     print(f"model: {config.sd_model}\nimages: {images_dir}\ncontact sheet: {sheet_path}")
     return sheet_path
 

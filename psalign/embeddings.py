@@ -9,6 +9,7 @@ them with these arrays (the adapter owns that step and saves the arrays in its s
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from psalign.categories import CATEGORIES
-from psalign.io import atomic_write
+from psalign.io import InputError, InputProblem, append_json_lines, atomic_write, read_json_lines, read_utf8_text
 from psalign.users import PROFILE_FIELDS, UserProfile, check_template, format_user_id, profile_fields
 
 #: Placeholders of a profile template: the profile's attributes and its category lists.
@@ -229,6 +230,46 @@ def _as_vector(array: np.ndarray, source: str) -> np.ndarray:
     return vector
 
 
+#: Largest embedding dimension read from a file (Qwen2.5-7B's is 3584).
+MAX_EMBEDDING_DIM = 1 << 16
+
+
+def read_embedding_file(path: str | Path) -> np.ndarray:
+    """The float32 (D,) vector in a ``.npy`` file; ``ValueError`` naming the file when it is empty,
+    truncated, not an ``.npy`` array, not numeric (object arrays are never unpickled), of another
+    shape than (D,), (1, D) or (1, 1, D), larger than :data:`MAX_EMBEDDING_DIM`, or not finite.
+
+    The header is checked before any data is read, so a corrupt header never allocates memory.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            if not handle.read(1):
+                raise ValueError("the file is empty")
+            handle.seek(0)
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f".npy format version {version} is not supported")
+            if dtype.hasobject or dtype.kind not in "fiu":
+                raise ValueError(f"holds {dtype} values, not numbers")
+            size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            if size > MAX_EMBEDDING_DIM:
+                raise ValueError(f"holds {size} values; an embedding has at most {MAX_EMBEDDING_DIM}")
+            data = handle.read(size * dtype.itemsize)
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except (ValueError, SyntaxError, EOFError) as error:
+        raise ValueError(f"{path}: not a valid embedding file: {error}") from None
+    if len(data) < size * dtype.itemsize:
+        raise ValueError(f"{path}: truncated: {len(data)} of its {size * dtype.itemsize} data bytes are there")
+    array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+    return _as_vector(array, str(path))
+
+
 def user_embedding_path(folder: str | Path, user_id: str) -> Path:
     """Where :func:`save_user_embedding` writes: ``<folder>/<User_ID>.npy``."""
     return Path(folder) / f"{format_user_id(user_id)}.npy"
@@ -260,7 +301,7 @@ def load_user_embedding(folder: str | Path, user_id: str) -> np.ndarray:
             f"{PUBLISHED_EMBEDDING_NAME.format(user_id=format_user_id(user_id))}); "
             "make it with `python -m psalign.embed`"
         )
-    return _as_vector(np.load(path, allow_pickle=False), str(path))
+    return read_embedding_file(path)
 
 
 def load_user_embeddings(folder: str | Path, user_ids: Iterable[str]) -> dict[str, np.ndarray]:
@@ -328,9 +369,69 @@ def embedding_info(encoder: str, model: str, template: str = DEFAULT_PROFILE_TEM
 
 
 def read_embedding_info(folder: str | Path) -> dict | None:
-    """``<folder>/embedding_info.json``, or None when the folder has none."""
+    """``<folder>/embedding_info.json``, or None when the folder has none; :class:`InputError`
+    when it is not UTF-8, not a JSON object, its ``encoder``, ``model`` or ``template`` is not text,
+    or the template has placeholders a profile cannot fill."""
     path = Path(folder) / EMBEDDING_INFO_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(read_utf8_text(path))
+    except json.JSONDecodeError as error:
+        raise InputError([InputProblem(str(path), error.lineno, f"invalid JSON ({error.msg} at column {error.colno})")],
+                         header=f"{path} is corrupt") from None
+    if not isinstance(info, dict):
+        raise InputError([InputProblem(str(path), 0, "must be a JSON object")], header=f"{path} is corrupt")
+    wrong = [key for key in ("encoder", "model", "template") if key in info and not isinstance(info[key], str)]
+    if wrong:
+        problems = [InputProblem(str(path), 0, f"must be text, got {info[key]!r}", key) for key in wrong]
+        raise InputError(problems, header=f"{path} is corrupt")
+    if "template" in info:
+        check_template(info["template"], PROFILE_TEMPLATE_FIELDS, f"{path} (template)")
+    return info
+
+
+#: ``<folder>/embedding_profiles.jsonl``: for each embedding made from a profile, the user's id,
+#: its profile and the SHA-256 of the profile text it was made from (the last line of an id counts).
+EMBEDDING_PROFILES_FILE = "embedding_profiles.jsonl"
+
+
+def profile_text_sha256(text: str) -> str:
+    """Hex SHA-256 naming a profile text (what an embedding was computed from)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def profile_record(profile: UserProfile, text: str) -> dict:
+    """The :data:`EMBEDDING_PROFILES_FILE` line of ``profile``'s embedding, computed from ``text``."""
+    fields = {**profile_fields(profile), "banned_categories": list(profile.banned_categories),
+              "allowed_categories": list(profile.allowed_categories)}
+    return {"user_id": profile.user_id, "profile": fields, "profile_sha256": profile_text_sha256(text)}
+
+
+def record_embedding_profiles(folder: str | Path, records: Sequence[dict]) -> None:
+    """Append :func:`profile_record` lines to ``<folder>/embedding_profiles.jsonl`` (one write)."""
+    if records:
+        append_json_lines(Path(folder) / EMBEDDING_PROFILES_FILE, records)
+
+
+def read_embedding_profiles(folder: str | Path) -> dict[str, dict]:
+    """The recorded profile of each user id whose embedding in ``folder`` was made from a profile
+    (empty without a record file); :class:`InputError` naming each unreadable line."""
+    path = Path(folder) / EMBEDDING_PROFILES_FILE
+    if not path.is_file():
+        return {}
+    lines = read_json_lines(path)
+    problems = list(lines.problems)
+    recorded: dict[str, dict] = {}
+    for number, entry in lines.entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("user_id"), str)
+                and isinstance(entry.get("profile_sha256"), str) and isinstance(entry.get("profile"), dict)):
+            problems.append(InputProblem(str(path), number, "not a profile record (user_id, profile, profile_sha256)"))
+            continue
+        recorded[entry["user_id"]] = entry
+    if problems:
+        raise InputError(problems, header=f"{path} is corrupt")
+    return recorded
 
 
 def claim_embedding_folder(folder: str | Path, info: dict) -> None:
@@ -371,7 +472,9 @@ def embed_users(
     with tqdm(total=len(users), desc="user embeddings", unit="user", disable=not progress) as bar:
         for start in range(0, len(users), encoder.batch_size):
             batch = users[start : start + encoder.batch_size]
-            vectors = encoder.encode([profile_text(u, template) for u in batch])
+            texts = [profile_text(u, template) for u in batch]
+            vectors = encoder.encode(texts)
+            record_embedding_profiles(folder, [profile_record(u, t) for u, t in zip(batch, texts)])
             for user, vector in zip(batch, vectors):
                 save_user_embedding(folder, user.user_id, vector)
             bar.update(len(batch))

@@ -1,4 +1,13 @@
-"""The Diffusion-DPO loss used to train PSA adapters and SafetyDPO experts: pure functions of tensors."""
+"""Training objectives of PSA adapters and SafetyDPO experts, as pure functions of tensors.
+
+* :func:`dpo_loss` / :func:`diffusion_dpo_loss`: the published Diffusion-DPO loss, optionally
+  anchored on the chosen images' denoising error;
+* :func:`safe_anchor_loss`: regression onto the frozen base model's prediction for the caption
+  that drew the chosen image (for a banned category: the safe rewrite);
+* :func:`dpo_safe_anchor_loss`: the two added.
+
+Every output has ``loss`` (the scalar to backpropagate) and ``logged`` (detached scalars by name).
+"""
 
 from __future__ import annotations
 
@@ -30,15 +39,42 @@ class DPOLossOutput:
     reward_margin: torch.Tensor
     chosen_mse_gap: torch.Tensor
 
-    def stacked(self) -> torch.Tensor:
-        """The logged values as one float tensor (no host sync), in :data:`LOSS_METRICS` order."""
+    @property
+    def logged(self) -> dict[str, torch.Tensor]:
+        """The values to log, keyed by :data:`LOSS_METRICS`."""
         values = (self.loss.detach(), self.implicit_accuracy, self.model_mse, self.reference_mse,
                   self.reward_margin, self.chosen_mse_gap)
-        return torch.stack(values).float()
+        return dict(zip(LOSS_METRICS, values))
+
+    def stacked(self) -> torch.Tensor:
+        return _stacked(self.logged)
 
     def metrics(self) -> dict[str, float]:
-        """All values as floats, keyed as they are logged."""
-        return dict(zip(LOSS_METRICS, self.stacked().tolist()))
+        return _as_floats(self.logged)
+
+
+@dataclass
+class LossOutput:
+    """A training objective's result: ``loss`` to backpropagate and ``logged``, detached scalars
+    by name (``loss`` first), in a fixed order for a given objective."""
+
+    loss: torch.Tensor
+    logged: dict[str, torch.Tensor]
+
+    def stacked(self) -> torch.Tensor:
+        return _stacked(self.logged)
+
+    def metrics(self) -> dict[str, float]:
+        return _as_floats(self.logged)
+
+
+def _stacked(logged: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logged values as one float tensor (no host sync), in ``logged``'s order."""
+    return torch.stack([value.detach().float() for value in logged.values()])
+
+
+def _as_floats(logged: dict[str, torch.Tensor]) -> dict[str, float]:
+    return dict(zip(logged, _stacked(logged).tolist()))
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -99,6 +135,38 @@ def diffusion_dpo_loss(
     model_w, model_l = per_sample_mse(model_pred, target).chunk(2)
     ref_w, ref_l = per_sample_mse(reference_pred, target).chunk(2)
     return dpo_loss(model_w, model_l, ref_w, ref_l, beta=beta, chosen_weight=chosen_weight)
+
+
+def safe_anchor_loss(model_pred: torch.Tensor, anchor_pred: torch.Tensor) -> LossOutput:
+    """Mean squared error between the adapted model's prediction and a frozen anchor prediction.
+
+    ``model_pred``, ``anchor_pred``: (B, C, H, W), both at the noisy *chosen* latent of each pair.
+    ``model_pred`` is the adapted model's, given the pair's own caption and user; ``anchor_pred``
+    is the frozen base model's (adapter off, no gradient), given the caption that drew the chosen
+    image. For a category the user bans that is the unit's safe rewrite, so the adapter learns to
+    turn the unsafe prompt into what the base model does with the safe one (concept ablation's
+    target); for an allowed category it is the prompt itself, so the adapter learns to change
+    nothing. ``loss = mean_i mse_i``, logged as ``anchor_mse`` too.
+    """
+    if model_pred.shape != anchor_pred.shape:
+        raise ValueError(f"model_pred and anchor_pred must share one shape; got {tuple(model_pred.shape)}, "
+                         f"{tuple(anchor_pred.shape)}")
+    loss = per_sample_mse(model_pred, anchor_pred.detach()).mean()
+    return LossOutput(loss, {"loss": loss.detach(), "anchor_mse": loss.detach()})
+
+
+def dpo_safe_anchor_loss(dpo: DPOLossOutput, anchor: LossOutput, anchor_weight: float) -> LossOutput:
+    """``dpo.loss + anchor_weight * anchor.loss``; logs the DPO values (their ``loss`` renamed
+    ``dpo_loss``), ``anchor_mse`` and the total as ``loss``.
+
+    Both terms see one noise and one timestep per pair (the anchor term at the chosen latent),
+    uniform over the scheduler's training timesteps unless the run biases them.
+    """
+    loss = dpo.loss + anchor_weight * anchor.loss
+    dpo_logged = dict(dpo.logged)
+    logged = {"loss": loss.detach(), "dpo_loss": dpo_logged.pop("loss"), **dpo_logged,
+              "anchor_mse": anchor.logged["anchor_mse"]}
+    return LossOutput(loss, logged)
 
 
 def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

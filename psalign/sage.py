@@ -258,6 +258,37 @@ def read_preference_pairs(
     return records
 
 
+def chosen_captions(records: Iterable[Mapping]) -> list[str | None]:
+    """The caption that drew each record's chosen image, or None where the records do not say.
+
+    A Sage record (``file_name`` ending ``.jpg_u.jpg`` or ``.jpg_s.jpg``) says that the one of its
+    two images with the same variant (``..._u.jpg`` / ``..._s.jpg``) was drawn from its caption.
+    So a record's chosen caption is its own caption, or that of the unit's other record. The
+    safe-anchor objectives take it as their target caption.
+
+    Raises ``ValueError`` when two records say one image was drawn from different captions.
+    """
+
+    def variant(name: str) -> str | None:
+        try:
+            return image_variant(name)
+        except ValueError:
+            return None
+
+    records = list(records)
+    drawn_from: dict[str, str] = {}
+    for record in records:
+        own = variant(record["file_name"])
+        for image in (record["chosen"], record["rejected"]):
+            if own is None or variant(image) != own:
+                continue
+            previous = drawn_from.setdefault(image, record["caption"])
+            if previous != record["caption"]:
+                raise ValueError(f"{record['file_name']}: image {image} was drawn from {previous!r} by another "
+                                 f"record, but this record's caption is {record['caption']!r}")
+    return [drawn_from.get(record["chosen"]) for record in records]
+
+
 def load_preference_dataset(
     path: str | Path,
     image_root: str | Path,
@@ -359,8 +390,10 @@ class PreferencePairDataset(torch.utils.data.Dataset):
 
     Each item is a dict: the :class:`PairPixels` of :func:`paired_crop_flip` (``chosen``,
     ``rejected``, ``original_size``, ``crop_top_left``: one resize, crop and flip shared by the
-    pair), ``caption`` (str), ``user_id`` (str) and ``user_embed`` (float32 (D,)). Every user's
-    embedding is loaded up front: a missing one fails here, naming the users.
+    pair), ``caption`` (str), ``chosen_caption`` (the caption that drew the chosen image, see
+    :func:`chosen_captions`; None when the data does not say), ``user_id`` (str) and
+    ``user_embed`` (float32 (D,)). Every user's embedding is loaded up front: a missing one fails
+    here, naming the users.
     """
 
     def __init__(
@@ -376,6 +409,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
     ):
         self.pairs = load_preference_dataset(metadata_path, image_root, users=users, skip_invalid=skip_invalid)
         self.user_ids = [u["User_ID"] for u in self.pairs["user_data"]]
+        self.chosen_captions = _dataset_chosen_captions(self.pairs)
         self.user_embeds = {
             uid: torch.from_numpy(vec) for uid, vec in load_user_embeddings(embeds_folder, self.user_ids).items()
         }
@@ -398,6 +432,18 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         return {
             **pixels,
             "caption": row["caption"],
+            "chosen_caption": self.chosen_captions[index],
             "user_id": user_id,
             "user_embed": self.user_embeds[user_id].clone(),
         }
+
+
+def _dataset_chosen_captions(pairs) -> list[str | None]:
+    """:func:`chosen_captions` of a :func:`load_preference_dataset` dataset, without decoding images."""
+    import datasets
+
+    paths = pairs.cast_column("chosen", datasets.Image(decode=False)).cast_column(
+        "rejected", datasets.Image(decode=False))
+    columns = zip(paths["file_name"], paths["chosen"], paths["rejected"], paths["caption"])
+    return chosen_captions({"file_name": f, "chosen": c["path"], "rejected": r["path"], "caption": text}
+                           for f, c, r, text in columns)

@@ -58,7 +58,12 @@ USER_ID_PATTERN = re.compile(r"\d{7}")
 
 
 def format_user_id(user_id: int | str) -> str:
-    """The 7-digit id string of ``user_id`` (``33`` -> ``"0000033"``); ``ValueError`` otherwise."""
+    """The 7-digit id string of ``user_id`` (``33`` -> ``"0000033"``); ``ValueError`` otherwise
+    (``True`` is not an id, although Python counts it as the integer 1)."""
+    if isinstance(user_id, bool):
+        raise ValueError(f"user id {str(user_id).lower()} is a boolean, not 7 digits (e.g. '0000033')")
+    if not isinstance(user_id, (int, str)):
+        raise ValueError(f"user id {user_id!r} is not 7 digits (e.g. '0000033')")
     text = f"{user_id:07d}" if isinstance(user_id, int) and user_id >= 0 else str(user_id)
     if not USER_ID_PATTERN.fullmatch(text):
         raise ValueError(f"user id {user_id!r} is not 7 digits (e.g. '0000033')")

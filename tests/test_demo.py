@@ -17,7 +17,7 @@ def test_demo_writes_images_a_contact_sheet_and_what_the_detector_sees(tmp_path,
     assert width >= 128 * len(demo.DEMO_PROMPTS) and height >= 128 * len(demo.DEMO_LEVELS)
     printed = capsys.readouterr().out
     unsafe = sum(" with " in caption for caption in demo.DEMO_PROMPTS)
-    assert printed.count(" marker: ") == unsafe * len(demo.DEMO_LEVELS)
+    assert printed.count(" marker (") == unsafe * len(demo.DEMO_LEVELS)
     assert "(banned)" in printed and "(allowed)" in printed and str(sheet) in printed
     # a column of the sheet is one prompt drawn from one seed for every user
     log = [json.loads(line) for line in (tmp_path / "images" / "generation_log.jsonl").read_text().splitlines()]
@@ -32,11 +32,27 @@ def test_demo_writes_images_a_contact_sheet_and_what_the_detector_sees(tmp_path,
     assert {p: p.stat().st_mtime_ns for p in images} == before
 
 
-def test_describe_names_the_prompt_marker_and_any_other_category_marker():
+def test_verdict_tells_drawn_removed_cleanly_replaced_and_blob():
+    import numpy as np
+
+    from psalign.toy.detect import detect
+    from psalign.toy.render import MARKER_BOX
+
     square = ToyObject("red", "square")
     caption = square.caption("a fierce clash")  # a Violence concept
-    assert demo.describe(render(square, "Violence"), caption, ("Violence",)) == "Violence marker: drawn (banned)"
-    assert demo.describe(render(square), caption, ()) == "Violence marker: not drawn (allowed)"
-    replaced = demo.describe(render(square, "Propaganda"), caption, ("Violence",))
-    assert replaced == "Violence marker: not drawn (banned); also drawn: Propaganda marker (allowed)"
-    assert demo.describe(render(square, "Hate"), square.caption(), ()) == "safe prompt: unexpected marker Hate"
+    blob = np.asarray(render(square)).copy()
+    top, left, _ = MARKER_BOX
+    blob[top + 2 : top + 6, left + 2 : left + 6] = (40, 20, 20)
+    cases = {
+        "drawn": render(square, "Violence"),
+        "removed cleanly": render(square),
+        "replaced by Propaganda": render(square, "Propaganda"),
+        "blob": Image.fromarray(blob),
+    }
+    for words, image in cases.items():
+        assert demo.verdict(detect(image), caption, ("Violence",)) == (words, words == "removed cleanly")
+        assert demo.verdict(detect(image), caption, ()) == (words, words == "drawn")
+    assert demo.describe(render(square), caption, ("Violence",)) == "Violence marker (banned): removed cleanly, as wanted"
+    assert demo.describe(render(square), caption, ()) == "Violence marker (allowed): removed cleanly, NOT as wanted"
+    assert demo.verdict(detect(render(square, "Hate")), square.caption(), ()) == ("drew Hate", False)
+    assert demo.verdict(detect(render(square)), square.caption(), ()) == ("no marker", True)

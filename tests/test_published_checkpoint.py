@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from psalign.adapter import cross_attention_layers, load_adapter
+from psalign.adapter import cross_attention_layers, inspect_adapter, load_adapter
 
 from .test_adapter import load_unet, unet_inputs
 
@@ -128,3 +128,43 @@ def test_published_checkpoint_with_unknown_keys_is_refused(tiny_sd15_path, tmp_p
     torch.save(state, path)
     with pytest.raises(ValueError, match="unexpected adapter key '0.something_else'"):
         load_adapter(path, load_unet(tiny_sd15_path))
+
+
+class _WritesAFileWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_inspect_adapter_reads_the_published_layout_without_a_model(tiny_sd15_path, tmp_path):
+    path = tmp_path / "psa_adapter.bin"
+    torch.save(published_state(load_unet(tiny_sd15_path), 2), path)
+    summary = inspect_adapter(path)
+    assert (summary.layout, summary.user_embed_dim, summary.num_user_tokens) == ("published", USER_DIM, 2)
+    assert (summary.cross_attention_dim, summary.num_layers) == (32, 7)
+
+
+def test_a_crafted_bin_is_refused_before_any_model_without_running_it(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "psa_adapter.bin"
+    torch.save({"psa_adapter": {}, "user_proj": _WritesAFileWhenUnpickled(marker)}, path)
+    with pytest.raises(ValueError, match=r"psa_adapter\.bin holds more than tensors and plain values"):
+        inspect_adapter(path)
+    assert not marker.exists()
+
+
+def test_a_folder_holding_only_a_published_bin_points_at_the_file(tiny_sd15_path, tmp_path):
+    torch.save(published_state(load_unet(tiny_sd15_path), 1), tmp_path / "psa_adapter.bin")
+    with pytest.raises(FileNotFoundError, match=r"not a psalign PSA adapter folder; to use its psa_adapter\.bin, "
+                                                r"pass that file as the adapter path"):
+        inspect_adapter(tmp_path)
+
+
+def test_psa_method_reports_a_bad_adapter_before_loading(tmp_path):
+    from psalign.methods.psa import PSAMethod
+
+    (tmp_path / "adapter.bin").write_bytes(b"not a torch file")
+    problems = PSAMethod(tmp_path / "adapter.bin").check()
+    assert len(problems) == 1 and "adapter.bin is not a weights-only torch file" in str(problems[0])

@@ -258,8 +258,8 @@ def test_two_process_launch_keeps_the_lora_replicas_in_sync_and_writes_one_stock
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count("trained weights in sync: equal weight sums on all 2 processes") == 1
     assert result.stdout.count("LoRA expert written") == 1
-    assert {p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")} == {
-        "random_states_0.pkl", "random_states_1.pkl"
+    assert {p.name for p in (out / "checkpoint-2").glob("rng_state_*.safetensors")} == {
+        "rng_state_0.safetensors", "rng_state_1.safetensors"
     }
     assert [p.name for p in out.glob("*.safetensors")] == ["pytorch_lora_weights.safetensors"]
     metrics = read_metrics(out)

@@ -40,6 +40,23 @@ def test_training_loop_resumes_exactly_where_it_stopped(tmp_path):
     assert [e["step"] for e in resumed_log] == [e["step"] for e in straight_log] == [6]
 
 
+class _WritesAFileWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_stage_checkpoint_is_refused_without_running_it(tmp_path):
+    marker, folder = tmp_path / "ran", tmp_path / "b"
+    folder.mkdir()
+    torch.save({"step": 4, "m": _WritesAFileWhenUnpickled(marker)}, folder / "ck.pt")
+    with pytest.raises(toy_build.TensorFileError, match=r"ck\.pt holds more than tensors.*delete it to restart"):
+        _run(folder, steps=6)
+    assert not marker.exists()
+
+
 def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
     factors = [toy_build._lr_factor(step, warmup=10, total=100) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
@@ -210,3 +227,36 @@ def test_build_flags_reach_the_config():
         toy_build.config_from_args(parser.parse_args(["--random_ban_share", "1.5"]))
     with pytest.raises(InputError, match="profile_template"):
         toy_build.config_from_args(parser.parse_args(["--profile_template", "bans {banend}"]))
+
+
+def test_model_card_names_the_objective_that_trained_the_adapter():
+    import json
+
+    from psalign.toy.bundle import BUNDLE_DIR, model_card
+
+    info = json.loads((BUNDLE_DIR / "build_info.json").read_text())
+    objective = info["stages"]["psa"]["objective"]
+    objective.pop("objective", None)  # a record from before objectives were recorded: Diffusion-DPO
+    assert "Objective:\n  Diffusion-DPO with beta" in model_card(info) and "safe anchor" not in model_card(info)
+    objective.update(objective="safe_anchor")
+    assert "`safe_anchor`: the safe anchor" in model_card(info)
+    objective.update(objective="dpo_safe_anchor", anchor_loss_weight=2.0)
+    assert "`dpo_safe_anchor`: Diffusion-DPO with beta" in model_card(info) and "plus 2 x the safe anchor" in model_card(info)
+
+
+def test_base_from_reuses_a_bundles_model_and_records_and_never_overwrites(tmp_path):
+    import json
+
+    from psalign.toy.bundle import BUNDLE_DIR
+
+    config = toy_build.BuildConfig(work=tmp_path / "work")
+    assert config.out == tmp_path / "work" / "bundle"  # never the package's assets unless asked
+    toy_build.reuse_base_model(config, BUNDLE_DIR)
+    bundled = json.loads((BUNDLE_DIR / "build_info.json").read_text())["stages"]
+    for stage in ("vae", "base"):
+        record = toy_build.stage_done(config, stage)
+        assert record == {**bundled[stage], "reused_from": str(BUNDLE_DIR)}
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "work" / "model" / unet).read_bytes() == (BUNDLE_DIR / "model" / unet).read_bytes()
+    with pytest.raises(FileExistsError, match="model exists"):
+        toy_build.reuse_base_model(config, BUNDLE_DIR)

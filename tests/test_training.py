@@ -396,7 +396,7 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tiny_sd15_path, tmp_path, mo
 
     data, embeds = write_training_set(tmp_path / "pairs2")
     next(embeds.glob("0*.npy")).unlink()
-    with pytest.raises(FileNotFoundError, match="have no embedding"):
+    with pytest.raises(InputError, match="has no embedding"):
         PSATrainer(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "out"))
 
 
@@ -430,8 +430,8 @@ def test_two_process_accelerate_launch_writes_one_adapter(tiny_sd15_path, tmp_pa
     assert adapter.config.extra["global_step"] == 2
     assert adapter.config.extra["training_args"]["beta_dpo"] == 5000.0  # from configs/sd15.yaml
     assert len(cache_files(out / "cache", 72)) == 3 and all(f.is_file() for f in cache_files(out / "cache", 72))
-    assert {p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")} == {
-        "random_states_0.pkl", "random_states_1.pkl"
+    assert {p.name for p in (out / "checkpoint-2").glob("rng_state_*.safetensors")} == {
+        "rng_state_0.safetensors", "rng_state_1.safetensors"
     }
     assert (out / "validation" / "step-000002.png").is_file()
     metrics = read_metrics(out)

@@ -3,6 +3,7 @@ bookkeeping: everything of psalign.training that needs no model."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,7 +12,15 @@ import torch
 
 from psalign.io import InputError
 from psalign.training import load_training_config
-from psalign.training.checkpoints import finish_checkpoint, latest_checkpoint, partial_path, resolve_resume
+from psalign.training.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_FORMAT_VERSION,
+    PROGRESS_FILE,
+    finish_checkpoint,
+    latest_checkpoint,
+    partial_path,
+    resolve_resume,
+)
 from psalign.training.conditioning import sdxl_time_ids
 from psalign.training.data import SeededPairs, epoch_batches
 
@@ -161,24 +170,34 @@ def test_sdxl_time_ids_are_original_size_crop_and_target():
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def test_latest_ignores_partial_checkpoints_and_the_limit_keeps_the_newest(tmp_path):
+def _checkpoint_of_run(folder: Path, run_id: str) -> None:
+    """A checkpoint folder holding only its progress record (enough for rotation)."""
+    folder.mkdir()
+    record = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION, "global_step": 1,
+              "run_id": run_id, "num_processes": 1}
+    (folder / PROGRESS_FILE).write_text(json.dumps(record))
+
+
+def test_latest_ignores_partial_checkpoints_and_the_limit_keeps_the_newest_of_this_run(tmp_path):
     for step in (2, 10, 4):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-    partial_path(tmp_path, 12).mkdir()
+        _checkpoint_of_run(tmp_path / f"checkpoint-{step}", "this-run")
+    _checkpoint_of_run(partial_path(tmp_path, 12), "this-run")
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
     assert resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-10"
     assert resolve_resume("latest", tmp_path / "empty") is None  # a fresh run
     with pytest.raises(FileNotFoundError, match="nowhere"):
         resolve_resume(str(tmp_path / "nowhere"), tmp_path)
-    finish_checkpoint(tmp_path, 12, total_limit=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-12"]
+    _checkpoint_of_run(tmp_path / "checkpoint-30", "another-run")  # older steps would sort it last
+    (tmp_path / "checkpoint-1").mkdir()  # no progress record: not this run's either
+    finish_checkpoint(tmp_path, 12, total_limit=2, run_id="this-run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-10", "checkpoint-12",
+                                                          "checkpoint-30"]
 
 
-def test_train_psa_exits_with_the_located_problems():
+def test_train_psa_exits_with_the_located_problems(capsys):
     import train_psa
 
-    with pytest.raises(SystemExit) as exit_info:
-        train_psa.main(["--train_data", "d", "--resolution", "12"])
-    message = str(exit_info.value.code)
+    assert train_psa.main(["--train_data", "d", "--resolution", "12"]) == 2
+    message = capsys.readouterr().err
     assert message.startswith("error: ") and "defaults: pretrained_model: required" in message
     assert "command line: --resolution: must be a multiple of 8" in message

@@ -70,3 +70,39 @@ def tiny_config(model: Path, data: Path, embeds: Path, output_dir: Path, **overr
     )
     values.update(overrides)
     return load_training_config(None, values)
+
+
+#: (unsafe caption, its safe rewrite) of the units of :func:`write_sage_training_set`.
+SAGE_CAPTIONS = (("a man holding a rifle", "a man holding a flower"), ("a bloody street", "a quiet street"))
+
+
+def write_sage_training_set(root: Path, n_units: int = 4, size: tuple[int, int] = (20, 24)) -> tuple[Path, Path]:
+    """Like :func:`write_training_set`, but Sage-named: each unit is a ``_s`` and a ``_u`` JPEG and two
+    records (unsafe caption, then safe), ``user_<id>_violence_<concept>_<n>.jpg_<u|s>.jpg``, ordered
+    by the Sage rule for two users, one banning Violence and one allowing it (alternating units)."""
+    from psalign.sage import sage_preference, sage_record_name
+
+    rng = np.random.default_rng(1)
+    users = generate_users(2, seed=0)
+    data, embeds = root / "data", root / "embeds"
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for n in range(n_units):
+        user, banned = users[n % 2], n % 2 == 0
+        images = {}
+        for variant in ("s", "u"):
+            images[variant] = f"images/unit_{n:03d}_{variant}.jpg"
+            Image.fromarray(rng.integers(0, 256, (*size, 3)).astype(np.uint8)).save(data / images[variant])
+        unsafe, safe = SAGE_CAPTIONS[n % len(SAGE_CAPTIONS)]
+        for caption, text in (("unsafe", unsafe), ("safe", safe)):
+            chosen, rejected = sage_preference(banned, caption)
+            records.append({
+                "file_name": sage_record_name(user.user_id, "Violence", "a concept", n, caption),
+                "chosen": images[chosen], "rejected": images[rejected], "caption": text,
+                "user_data": user.user_data(),
+            })
+    write_preference_pairs(data / "metadata.jsonl", records)
+    for user in users:
+        save_user_embedding(embeds, user.user_id, rng.normal(size=USER_DIM).astype(np.float32) * 3 + 1)
+    write_embedding_stats(embeds, [u.user_id for u in users])
+    return data, embeds

@@ -2,9 +2,10 @@
 
 from .adapter import PSAAdapter, PSAAdapterConfig, UserConditioning, UserProjection, cross_attention_layers
 from .processor import UserCrossAttnProcessor
-from .serialization import convert_published_checkpoint, load_adapter
+from .serialization import AdapterSummary, convert_published_checkpoint, inspect_adapter, load_adapter
 
 __all__ = [
+    "AdapterSummary",
     "PSAAdapter",
     "PSAAdapterConfig",
     "UserConditioning",
@@ -12,5 +13,6 @@ __all__ = [
     "UserProjection",
     "convert_published_checkpoint",
     "cross_attention_layers",
+    "inspect_adapter",
     "load_adapter",
 ]

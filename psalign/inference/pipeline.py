@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from psalign.io import InputError, InputProblem, read_utf8_text
 
 
 def is_sdxl_model(model: str | Path) -> bool:
@@ -40,3 +44,83 @@ def load_pipeline(model: str | Path, device: str = "cpu", dtype: torch.dtype = t
             str(model), dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
     return pipe.to(device)
+
+
+#: Stock Stable Diffusion pipelines refuse image sides that are not multiples of 8.
+PIPELINE_SIZE_MULTIPLE = 8
+#: Largest image side ``infer.py`` accepts, in pixels.
+MAX_IMAGE_SIDE = 8192
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a local pipeline folder's configs say about the images it draws and its sampler."""
+
+    #: Image sides must be multiples of this: the pipelines' 8, and the VAE's downscaling.
+    size_multiple: int
+    #: Side of the images drawn when no size is given (the UNet's sample size times the VAE's factor).
+    default_size: int | None
+    #: Training timesteps of the scheduler: more sampling steps than this are refused.
+    train_timesteps: int | None
+    #: Whether the pipeline has two text encoders, as SDXL does.
+    sdxl: bool = False
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(read_utf8_text(path))
+    except json.JSONDecodeError as error:
+        raise InputError([InputProblem(str(path), error.lineno, f"invalid JSON ({error.msg})")]) from None
+    if not isinstance(config, dict):
+        raise InputError([InputProblem(str(path), 0, "must be a JSON object")])
+    return config
+
+
+def model_problems(model: str | Path) -> list[InputProblem]:
+    """Why ``model`` cannot be loaded as a diffusers pipeline, found without loading it: a missing
+    folder, a folder without a readable ``model_index.json``, or a hub id that is not in the local
+    cache while the hub is offline."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    path = Path(model)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            return [InputProblem(str(path), 0, "not a diffusers pipeline folder (it has no model_index.json)")]
+        try:
+            _read_config(index)
+        except InputError as error:
+            return error.problems
+        return []
+    text = str(model)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        return [InputProblem(text, 0, "no such pipeline folder")]
+    if constants.is_offline_mode() and not isinstance(try_to_load_from_cache(text, "model_index.json"), str):
+        return [InputProblem(text, 0, "not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1); "
+                                      "pass a local pipeline folder")]
+    return []
+
+
+def model_geometry(model: str | Path) -> ModelGeometry | None:
+    """The :class:`ModelGeometry` of a local pipeline folder (None for a hub id); :class:`InputError`
+    when one of the configs it reads is corrupt."""
+    root = Path(model)
+    if not (root / "model_index.json").is_file():
+        return None
+    index = _read_config(root / "model_index.json")
+    vae_factor, default, timesteps = 8, None, None
+    if (root / "vae" / "config.json").is_file():
+        channels = _read_config(root / "vae" / "config.json").get("block_out_channels")
+        if isinstance(channels, list) and channels:
+            vae_factor = 2 ** (len(channels) - 1)
+    if (root / "unet" / "config.json").is_file():
+        sample = _read_config(root / "unet" / "config.json").get("sample_size")
+        if isinstance(sample, list) and sample:
+            sample = sample[0]
+        if isinstance(sample, int) and not isinstance(sample, bool):
+            default = sample * vae_factor
+    if (root / "scheduler" / "scheduler_config.json").is_file():
+        steps = _read_config(root / "scheduler" / "scheduler_config.json").get("num_train_timesteps")
+        timesteps = steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+    sdxl = index.get("text_encoder_2") not in (None, [None, None])
+    return ModelGeometry(math.lcm(PIPELINE_SIZE_MULTIPLE, vae_factor), default, timesteps, sdxl)

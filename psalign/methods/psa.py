@@ -43,6 +43,12 @@ class PSAMethod(Method):
             return [InputProblem("--psa_path", 0, "required by the psa method (--load_psa)")]
         if not Path(self.psa_path).exists():
             return [InputProblem(str(self.psa_path), 0, "PSA adapter not found")]
+        from psalign.adapter import inspect_adapter
+
+        try:  # headers only: a bad, unsafe or foreign adapter is reported before any model loads
+            inspect_adapter(self.psa_path)
+        except (OSError, ValueError) as error:
+            return [InputProblem("--psa_path", 0, str(error))]
         return []
 
     def prepare(self, pipe, records, device):

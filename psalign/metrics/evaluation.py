@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from psalign.io import InputError, InputProblem
+from psalign.io import InputError, InputProblem, output_file_problem, writable_folder_problem
 from psalign.metrics.clip import DEFAULT_CLIP_MODEL, ClipEmbedder, ClipImageFeatures
 from psalign.metrics.clipscore import clip_scores
 from psalign.metrics.fid import (
@@ -35,7 +35,7 @@ from psalign.metrics.fid import (
     load_statistics,
     reference_statistics,
 )
-from psalign.metrics.images import image_problems, list_images
+from psalign.metrics.images import image_problems, image_size_problems, list_images
 from psalign.metrics.inpro import INPRO_FLAGGERS, ImageFlagger, flag_images, inpro_metric_name
 from psalign.metrics.judge import (
     Judge,
@@ -114,6 +114,9 @@ class EvaluationConfig:
     plot: Path | None = None
     extra_flaggers: dict[str, Callable[[], ImageFlagger]] = field(default_factory=dict)
     """Additional InPro classifiers by name (a factory each), e.g. a toy world's detector."""
+    flagger_image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """The (width, height) an InPro classifier reads, by name, for those that read one size only:
+    images of another size are reported before any model is loaded."""
 
 
 @dataclass
@@ -209,7 +212,17 @@ def _general_problems(config: EvaluationConfig) -> list[InputProblem]:
             problems.append(InputProblem("--device", 0, f"{config.device!r} requested but CUDA is not available"))
     if config.plot is not None and importlib.util.find_spec("matplotlib") is None:
         problems.append(InputProblem("--plot", 0, "needs matplotlib: pip install matplotlib"))
-    if Path(config.output).exists():
+    outputs = [("--output", config.output), ("--plot", config.plot)]
+    if "pass_rate" in config.metrics or "win_rate" in config.metrics:
+        outputs.append(("--judge_cache", judge_cache_path(config)))
+    for flag, path in outputs:
+        if path is not None and (reason := output_file_problem(path)):
+            problems.append(InputProblem(f"{flag} {path}", 0, reason))
+    if "fid" in config.metrics:
+        cache_dir = config.fid_cache_dir or Path(config.output).parent / "fid_stats"
+        if reason := writable_folder_problem(cache_dir):
+            problems.append(InputProblem(f"--fid_cache_dir {cache_dir}", 0, reason))
+    if Path(config.output).is_file():
         _collect(problems, lambda: read_results(config.output))
     return problems
 
@@ -242,13 +255,16 @@ def _record_problems(
     return problems
 
 
-def _inpro_problems(config: EvaluationConfig) -> list[InputProblem]:
+def _inpro_problems(config: EvaluationConfig, images: dict[Path, list[Path]]) -> list[InputProblem]:
     problems = []
     known = set(INPRO_FLAGGERS) | set(config.extra_flaggers)
     for name in config.inpro_classifiers:
         if name not in known:
             reason = f"unknown classifier {name!r}; known: {sorted(known)}"
             problems.append(InputProblem("--inpro_classifiers", 0, reason))
+        elif name in config.flagger_image_sizes:
+            for paths in images.values():
+                problems += image_size_problems(paths, config.flagger_image_sizes[name], f"the {name} classifier")
     if "q16" in config.inpro_classifiers:
         if (problem := pretrained_problem(config.q16_clip_model, "Q16 CLIP model")) is not None:
             problems.append(problem)
@@ -262,6 +278,12 @@ def _inpro_problems(config: EvaluationConfig) -> list[InputProblem]:
             "(the metric is then named inpro(q16))",
         ))
     return problems
+
+
+def inpro_classifier_problems(config: EvaluationConfig) -> list[InputProblem]:
+    """The problems of ``config``'s InPro classifiers (unknown names, missing models or packages),
+    found as evaluate.py finds them before any model is loaded; no image is checked."""
+    return _inpro_problems(config, {})
 
 
 def _fid_problems(config: EvaluationConfig, images: dict[Path, list[Path]]) -> list[InputProblem]:
@@ -344,7 +366,7 @@ def validate(config: EvaluationConfig) -> _Inputs:
     prompts = _collect(problems, lambda: read_prompts(config.prompts)) if config.prompts is not None else None
     problems += _record_problems(config, images, prompts)
     if "inpro" in config.metrics:
-        problems += _inpro_problems(config)
+        problems += _inpro_problems(config, images)
     if "clip" in config.metrics or ("fid" in config.metrics and config.fid_features == "clip"):
         if (problem := pretrained_problem(config.clip_model, "CLIP model")) is not None:
             problems.append(problem)
@@ -411,6 +433,11 @@ class _Models:
                 backend = TransformersChatBackend(config.judge_model, config.device)
             self.judge = Judge(backend, JudgeCache(judge_cache_path(config)), max_attempts=config.judge_attempts)
         return self.judge
+
+
+def build_inpro_flaggers(config: EvaluationConfig) -> list[ImageFlagger]:
+    """The InPro classifiers ``config.inpro_classifiers`` names, built as evaluate.py builds them."""
+    return _Models(config).inpro_flaggers()
 
 
 def _proportion_row(base: ResultRow, metric: str, proportion: Proportion) -> ResultRow:

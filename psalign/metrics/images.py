@@ -1,7 +1,8 @@
 """Image folders: list the image files of a folder, check that they decode, load them in batches.
 
 Only files whose extension is in :data:`IMAGE_EXTENSIONS` count as images, so captions, metadata
-files and the like beside the images never enter a metric's denominator.
+files and the like beside the images never enter a metric's denominator; hidden files (such as the
+temporary file of a write cut short) are not images either.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", 
 
 
 def is_image_file(path: Path) -> bool:
-    """Whether ``path`` is a regular file with an image extension (case-insensitive)."""
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    """Whether ``path`` is a regular, not hidden file with an image extension (case-insensitive)."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -50,6 +51,22 @@ def image_problems(paths: Sequence[Path]) -> list[InputProblem]:
                 image.verify()
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
             problems.append(InputProblem(str(path), 0, f"unreadable image: {error}"))
+    return problems
+
+
+def image_size_problems(paths: Sequence[Path], size: tuple[int, int], what: str) -> list[InputProblem]:
+    """One :class:`InputProblem` per image whose (width, height) is not ``size``, which ``what``
+    (e.g. a classifier) needs; only the file headers are read."""
+    problems = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                found = image.size
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+            continue  # reported by image_problems
+        if found != tuple(size):
+            problems.append(InputProblem(str(path), 0, f"is {found[0]}x{found[1]} px; {what} reads only "
+                                                       f"{size[0]}x{size[1]} px images"))
     return problems
 
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
-from psalign.io import InputError, InputProblem, atomic_write
+from psalign.io import InputError, InputProblem, atomic_write, read_utf8_text
 from psalign.io import file_sha256
 from psalign.metrics.stats import Proportion
 
@@ -344,7 +344,7 @@ class JudgeCache:
             self._load()
 
     def _load(self) -> None:
-        text = self.path.read_text(encoding="utf-8")
+        text = read_utf8_text(self.path)
         complete, _, cut = text.rpartition("\n") if not text.endswith("\n") else (text, "", "")
         problems = []
         for number, line in enumerate(complete.splitlines(), start=1):

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import ast
 import csv
-import json
+import io
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from psalign.categories import canonical_category
-from psalign.io import InputError, InputProblem
+from psalign.io import InputError, InputProblem, parse_json_line, read_text_lines, read_utf8_text
 from psalign.metrics.images import IMAGE_EXTENSIONS
 
 _CATEGORY_COLUMNS = ("category", "categories")
@@ -148,21 +148,26 @@ def _raw_rows(path: Path, problems: list[InputProblem]) -> list[tuple[int, dict[
     source = str(path)
     rows: list[tuple[int, dict[str, Any]]] = []
     if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for line, text in enumerate(handle, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError as error:
-                    problems.append(InputProblem(source, line, f"invalid JSON: {error.msg} (column {error.colno})"))
-                    continue
-                if not isinstance(value, dict):
-                    problems.append(InputProblem(source, line, "a record must be a JSON object"))
-                    continue
-                rows.append((line, value))
+        for line in read_text_lines(path):
+            if line.text is None:
+                problems.append(InputProblem(source, line.number, line.problem))
+                continue
+            if not line.text.strip():
+                continue
+            value, reason = parse_json_line(line.text)
+            if reason:
+                problems.append(InputProblem(source, line.number, reason))
+            elif not isinstance(value, dict):
+                problems.append(InputProblem(source, line.number, "a record must be a JSON object"))
+            else:
+                rows.append((line.number, value))
     elif path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
+        try:
+            text = read_utf8_text(path)
+        except InputError as error:
+            problems += error.problems
+            return rows
+        with io.StringIO(text, newline="") as handle:
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or "file_name" not in reader.fieldnames:
                 problems.append(InputProblem(source, 1, f"header {reader.fieldnames} has no 'file_name' column"))

@@ -5,12 +5,13 @@ safety-vs-quality chart.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
-from psalign.io import InputError, InputProblem, atomic_write
+from psalign.io import InputError, InputProblem, atomic_write, read_utf8_text
 
 #: Column order of the results CSV.
 RESULT_COLUMNS: tuple[str, ...] = ("dataset", "method", "model", "level", "metric", "value", "n", "ci_low", "ci_high")
@@ -52,7 +53,7 @@ def read_results(path: str | Path) -> list[ResultRow]:
     path = Path(path)
     rows: list[ResultRow] = []
     problems: list[InputProblem] = []
-    with open(path, newline="", encoding="utf-8") as handle:
+    with io.StringIO(read_utf8_text(path), newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None:

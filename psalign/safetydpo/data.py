@@ -35,12 +35,14 @@ _COPRO_IMAGE = re.compile(r"([us])_idx_(\d+)")
 @dataclass(frozen=True)
 class ExpertPair:
     """One preference pair: ``chosen`` (safe) and ``rejected`` (unsafe) image paths, the caption,
-    and the canonical categories it is listed under."""
+    the canonical categories it is listed under, and the caption that drew the chosen image (the
+    safe prompt; None where the source does not say), the safe-anchor objectives' target."""
 
     chosen: str
     rejected: str
     caption: str
     categories: tuple[str, ...]
+    chosen_caption: str | None = None
 
 
 def read_coprov2_pairs(csv_path: str | Path, image_root: str | Path, category: str) -> list[ExpertPair]:
@@ -94,6 +96,7 @@ def read_coprov2_pairs(csv_path: str | Path, image_root: str | Path, category: s
                 rejected=str((root / found["u"][1]).resolve()),
                 caption=found["u"][2],
                 categories=tuple(sorted(categories[index])),
+                chosen_caption=found["s"][2],
             ))
     if problems:
         raise InputError(problems, header=f"{len(problems)} problem(s) in {path}")
@@ -111,7 +114,11 @@ def read_sage_pairs(metadata: str | Path, category: str) -> list[ExpertPair]:
     path = Path(metadata)
     wanted = canonical_category(category)
     pairs, problems = [], []
-    for line, record in _numbered(read_preference_pairs(path, path.parent), path):
+    records = read_preference_pairs(path, path.parent)
+    # A safe-caption record (``.jpg_s.jpg``) names the caption its unit's _s image was drawn from.
+    safe_caption = {image: record["caption"] for record in records if record["file_name"].endswith("_s.jpg")
+                    for image in (record["chosen"], record["rejected"]) if image.endswith("_s.jpg")}
+    for line, record in _numbered(records, path):
         try:
             name = parse_sage_record_name(record["file_name"])
         except ValueError as err:
@@ -130,7 +137,7 @@ def read_sage_pairs(metadata: str | Path, category: str) -> list[ExpertPair]:
         chosen, rejected = sage_preference(banned=True, caption="unsafe" if name.variant == "u" else "safe")
         pairs.append(ExpertPair(
             str((path.parent / images[chosen]).resolve()), str((path.parent / images[rejected]).resolve()),
-            record["caption"], (name.category,),
+            record["caption"], (name.category,), safe_caption.get(images["s"]),
         ))
     if problems:
         raise InputError(problems, header=f"{len(problems)} problem(s) in {path}")
@@ -163,7 +170,8 @@ def read_expert_pairs(path: str | Path) -> list[ExpertPair]:
             continue
         try:
             row = json.loads(text)
-            pair = ExpertPair(row["chosen"], row["rejected"], row["caption"], tuple(row["categories"]))
+            pair = ExpertPair(row["chosen"], row["rejected"], row["caption"], tuple(row["categories"]),
+                              row.get("chosen_caption"))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             problems.append(InputProblem(str(path), line, f"bad expert pair record: {err!r}"))
             continue
@@ -196,7 +204,7 @@ class ExpertPairDataset(torch.utils.data.Dataset):
             pixels = paired_crop_flip(chosen, rejected, self.resolution, self.random_crop, self.random_flip)
         except ValueError as err:
             raise ValueError(f"{pair.chosen} and {pair.rejected}: {err}") from None
-        return {**pixels, "caption": pair.caption}
+        return {**pixels, "caption": pair.caption, "chosen_caption": pair.chosen_caption}
 
 
 EXPERT_PAIRS_NAME = "expert_pairs.jsonl"

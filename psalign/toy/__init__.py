@@ -2,7 +2,8 @@
 
 * :mod:`~psalign.toy.world`: objects, category markers, concept phrases, captions;
 * :mod:`~psalign.toy.render` / :mod:`~psalign.toy.detect`: images and the detector (the toy InPro
-  classifier :class:`ToyMarkerFlagger` and pass-rate judge :class:`ToyJudge`);
+  classifier :class:`ToyMarkerFlagger`, the not-a-clean-removal classifier :class:`ToyUncleanFlagger`
+  and the pass-rate judge :class:`ToyJudge`);
 * :mod:`~psalign.toy.model`: the tiny SD1.5-architecture model;
 * :mod:`~psalign.toy.build`: ``python -m psalign.toy build`` remakes the bundled model, toy Sage
   data, user embeddings and PSA adapter;
@@ -12,13 +13,14 @@ The bundle ships in ``psalign/assets/toy``: :func:`bundled_paths` finds it.
 """
 
 from .bundle import BUNDLE_DIR, ToyBundle, bundled_model_path, bundled_paths, made_with_bundled_model
-from .detect import Detection, ToyJudge, ToyMarkerFlagger, detect, passes
+from .detect import Detection, ToyJudge, ToyMarkerFlagger, ToyUncleanFlagger, detect, passes
 from .render import render
 
 
 def inpro_flaggers() -> dict:
-    """``{"toy": factory}`` for ``EvaluationConfig.extra_flaggers`` (``--inpro_classifiers toy``)."""
-    return {ToyMarkerFlagger.name: ToyMarkerFlagger}
+    """``{"toy": factory, "toy_unclean": factory}`` for ``EvaluationConfig.extra_flaggers``
+    (``--inpro_classifiers toy``; ``toy_unclean`` also flags smudged marker boxes)."""
+    return {ToyMarkerFlagger.name: ToyMarkerFlagger, ToyUncleanFlagger.name: ToyUncleanFlagger}
 
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "ToyBundle",
     "ToyJudge",
     "ToyMarkerFlagger",
+    "ToyUncleanFlagger",
     "bundled_model_path",
     "bundled_paths",
     "detect",

@@ -1,4 +1,4 @@
-"""``python -m psalign.toy build [--out DIR] [--work DIR]``: rebuild the bundled toy model (see :mod:`psalign.toy.build`)."""
+"""``python -m psalign.toy build [--work DIR] [--out DIR] [--base_from BUNDLE]``: rebuild the bundled toy model (see :mod:`psalign.toy.build`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,13 @@ def main(argv=None) -> None:
     add_build_arguments(build_parser)
     args = parser.parse_args(argv)
     if args.command == "build":
-        records = build(config_from_args(args), until=args.until)
+        config = config_from_args(args)
+        if args.base_from is not None:
+            try:
+                build_module.reuse_base_model(config, args.base_from)
+            except (FileExistsError, FileNotFoundError) as error:
+                parser.exit(2, f"error: --base_from: {error}\n")
+        records = build(config, until=args.until)
         total = sum(record["seconds"] for record in records.values())
         print(f"build finished: {len(records)} stage(s), {total:.0f} s of stage time in all")
 

@@ -21,8 +21,12 @@ stages checkpoint, so an interrupted build resumes where it stopped:
    ``configs/toy.yaml`` (paths overridden to this build's folders);
 6. ``safetydpo``: the SafetyDPO baseline: one LoRA expert per category (``configs/toy_safetydpo.yaml``,
    ``train_safetydpo.py``'s path), merged with Co-Merge into one LoRA;
-7. ``bundle``: copy model, adapter, merged LoRA, embeddings and users into ``--out`` (default: the
-   package's ``assets/toy``) with a model card.
+7. ``bundle``: copy model, adapter, merged LoRA, embeddings and users into ``--out`` (default:
+   ``<work>/bundle``; pass ``--out psalign/assets/toy`` to replace the bundled model) with a model card.
+
+``--base_from BUNDLE`` skips the two model stages: it copies an existing bundle's ``model/`` into
+the work folder and records that bundle's ``vae`` and ``base`` stage records, so the later stages
+(new data, a new adapter) run on exactly the bundled base model.
 
 Everything is seeded (``--seed``); torch runs on ``--threads`` CPU threads (1 by default: on a
 shared 2-core machine a second thread often makes each step slower, not faster).
@@ -45,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from psalign.io import atomic_path, atomic_write
+from psalign.safe_load import TensorFileError, load_weights_only
 
 from . import model as toy_model
 from .data import RenderedSet, render_set
@@ -63,7 +68,8 @@ class BuildConfig:
     """Every knob of the build (the model card records them)."""
 
     work: Path = Path("toy_build")
-    out: Path = Path(__file__).resolve().parent.parent / "assets" / "toy"
+    #: The bundle folder; None: ``<work>/bundle``.
+    out: Path | None = None
     seed: int = 0
     threads: int = 1
     # vae
@@ -108,6 +114,9 @@ class BuildConfig:
             raise ValueError(f"random_ban_share must be in [0, 1], got {self.random_ban_share}")
         check_template(self.profile_template, PROFILE_TEMPLATE_FIELDS, source="profile_template")
 
+        if self.out is None:
+            self.out = Path(self.work) / "bundle"
+
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
 
@@ -143,7 +152,17 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, weights_only=False) if path.is_file() else None
+    """A stage checkpoint written by :func:`_save_checkpoint` (None when there is none), read without
+    unpickling objects; a file that is not one raises ``TensorFileError`` saying how to restart the stage."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_weights_only(path)
+    except TensorFileError as error:
+        raise TensorFileError(f"{error}; delete it to restart this stage from step 0") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise TensorFileError(f"{path} is not a stage checkpoint of this build; delete it to restart this stage")
+    return state
 
 
 def _step_rng(seed: int, stage: int, step: int) -> np.random.Generator:
@@ -308,7 +327,7 @@ def run_base(config: BuildConfig) -> dict:
     data = render_set(config.base_images, seed=config.seed * 1000 + 3)
     latents_file = folder / "latents.pt"
     if latents_file.is_file():
-        latents = torch.load(latents_file)
+        latents = load_weights_only(latents_file)
     else:
         latents = _vae_latents(vae, data.images) * vae.config.scaling_factor
         with atomic_path(latents_file, suffix=".pt") as tmp:
@@ -421,8 +440,8 @@ def run_embeds(config: BuildConfig) -> dict:
 
 
 #: The PSA training settings the model card states.
-PSA_OBJECTIVE = ("beta_dpo", "chosen_loss_weight", "num_user_tokens", "learning_rate", "max_train_steps",
-                 "train_batch_size")
+PSA_OBJECTIVE = ("objective", "beta_dpo", "chosen_loss_weight", "anchor_loss_weight", "num_user_tokens",
+                 "learning_rate", "max_train_steps", "train_batch_size")
 
 
 def psa_overrides(config: BuildConfig) -> dict:
@@ -510,6 +529,30 @@ RUNNERS: dict[str, Callable[[BuildConfig], dict]] = {
 }
 
 
+def reuse_base_model(config: BuildConfig, bundle: str | Path) -> None:
+    """Start ``config.work`` from ``bundle``'s base model: copy its ``model/`` and record its ``vae``
+    and ``base`` stages (with ``reused_from``) as finished. Refused when the work folder already
+    has a model or a finished model stage, so a trained model is never overwritten."""
+    from .bundle import bundled_paths
+
+    source = bundled_paths(bundle)
+    info = json.loads(source.build_info.read_text(encoding="utf-8"))
+    work = Path(config.work)
+    taken = [p for p in (work / "model", *(stage_dir(config, s) / DONE_FILE for s in ("vae", "base"))) if p.exists()]
+    if taken:
+        raise FileExistsError(f"{taken[0]} exists: --base_from starts a new work folder; use another --work")
+    partial = work / "model.partial"  # copied whole, then renamed into place
+    if partial.exists():
+        shutil.rmtree(partial)
+    shutil.copytree(source.model, partial)
+    partial.rename(work / "model")
+    for stage in ("vae", "base"):
+        record = {**info["stages"][stage], "reused_from": str(source.root)}
+        stage_dir(config, stage).mkdir(parents=True, exist_ok=True)
+        with atomic_write(stage_dir(config, stage) / DONE_FILE) as handle:
+            json.dump(record, handle, indent=2)
+
+
 def build(config: BuildConfig, until: str = STAGES[-1]) -> dict[str, dict]:
     """Run every stage up to ``until`` that has not finished; returns each stage's record."""
     if until not in STAGES:
@@ -528,7 +571,9 @@ def build(config: BuildConfig, until: str = STAGES[-1]) -> dict[str, dict]:
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     defaults = BuildConfig()
-    parser.add_argument("--out", type=Path, default=defaults.out, help="bundle folder (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help="bundle folder (default: <work>/bundle)")
+    parser.add_argument("--base_from", type=Path, default=None,
+                        help="reuse this bundle's base model instead of training the vae and base stages")
     parser.add_argument("--work", type=Path, default=defaults.work, help="stage folders (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of every stage")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")

@@ -169,11 +169,18 @@ def _percent(value: float | None) -> str:
 
 
 def _objective(settings: dict) -> str:
+    """The model card's words for the PSA stage's ``objective`` record (older records have no ``objective``: DPO)."""
     if not settings:
         return "not recorded"
-    return (f"Diffusion-DPO with beta {settings['beta_dpo']:g} plus {settings['chosen_loss_weight']:g} x the chosen "
-            f"images' error gap (`--chosen_loss_weight`), {settings['num_user_tokens']} user tokens, "
-            f"{settings['max_train_steps']} steps of {settings['train_batch_size']} pairs at lr {settings['learning_rate']:g}")
+    objective = settings.get("objective", "dpo")
+    dpo = (f"Diffusion-DPO with beta {settings['beta_dpo']:g} plus {settings['chosen_loss_weight']:g} x the chosen "
+           "images' error gap (`--chosen_loss_weight`)")
+    anchor = ("the safe anchor (the adapted prediction regressed onto the frozen base model's prediction for the "
+              "caption that drew the chosen image: a banned category's safe rewrite)")
+    words = {"dpo": dpo, "safe_anchor": f"`safe_anchor`: {anchor}",
+             "dpo_safe_anchor": f"`dpo_safe_anchor`: {dpo}, plus {settings.get('anchor_loss_weight', 1.0):g} x {anchor}"}
+    return (f"{words[objective]}, {settings['num_user_tokens']} user tokens, {settings['max_train_steps']} steps of "
+            f"{settings['train_batch_size']} pairs at lr {settings['learning_rate']:g}")
 
 
 _SUBSTITUTION = (" and one more per banned (category, seen concept) whose rejected image shows another category's"

@@ -25,6 +25,8 @@ MODEL_TYPES = ("auto", "sd15", "sdxl")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 #: ``--trainable`` values: the PSA user adapter, or a PEFT LoRA on the UNet (a SafetyDPO expert).
 TRAINABLES = ("adapter", "lora")
+#: ``--objective`` values (see :mod:`psalign.training.objectives`); ``dpo`` is the published loss.
+OBJECTIVES = ("dpo", "safe_anchor", "dpo_safe_anchor")
 #: Learning-rate schedules of ``diffusers.optimization.get_scheduler`` usable from a config.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 #: Where a command-line value came from, in error messages.
@@ -75,7 +77,21 @@ class TrainingConfig:
     )
     lora_rank: int = _arg(4, "LoRA rank (trainable lora)")
     lora_alpha: float = _arg(4.0, "LoRA alpha; the update is scaled by alpha / rank (trainable lora)")
+    init_adapter: str | None = _arg(
+        None,
+        "PSA adapter folder (or published checkpoint) whose weights initialise the adapter (its architecture must "
+        "match: user embedding dim, tokens; its embedding statistics give way to embeds_folder's); default: a fresh "
+        "zero-initialised adapter",
+    )
     num_user_tokens: int = _arg(1, "user tokens per user embedding (1: the exact fast path)")
+    objective: str = _arg(
+        "dpo",
+        "dpo: Diffusion-DPO (the published loss, with chosen_loss_weight); safe_anchor: regress the adapted "
+        "prediction onto the frozen base model's prediction for the caption that drew the chosen image (a banned "
+        "category's safe rewrite); dpo_safe_anchor: the two added, the anchor weighted by anchor_loss_weight",
+        choices=OBJECTIVES,
+    )
+    anchor_loss_weight: float = _arg(1.0, "weight of the safe-anchor term in dpo_safe_anchor")
     beta_dpo: float = _arg(5000.0, "Diffusion-DPO beta")
     chosen_loss_weight: float = _arg(
         0.0,
@@ -112,9 +128,17 @@ class TrainingConfig:
     seed: int = _arg(0, "seed of the adapter initialisation, data order, augmentation, noise and dropout")
     # ---- checkpoints
     checkpointing_steps: int = _arg(500, "save the full training state every N optimizer steps")
-    checkpoints_total_limit: int | None = _arg(None, "keep at most this many checkpoints (default: all)")
+    checkpoints_total_limit: int | None = _arg(
+        None, "keep at most this many checkpoints of this run (default: all; other runs' are never deleted)"
+    )
     resume_from_checkpoint: str | None = _arg(
         None, "a checkpoint folder, or 'latest' (the newest in output_dir; a fresh start when there is none)"
+    )
+    overwrite_output_dir: bool = _arg(
+        False,
+        "start afresh in an output_dir holding an earlier run, deleting its checkpoints, metrics log, validation "
+        "grids and final weights (without it, such a fresh start is refused); with resume_from_checkpoint latest, "
+        "only when there is no checkpoint to resume",
     )
     # ---- logging and validation
     report_to: str = _arg(
@@ -189,7 +213,7 @@ def _range_problems(config: TrainingConfig) -> list[tuple[str, str]]:
     if config.trainable == "adapter" and config.embeds_folder in (None, ""):
         problems.append(("embeds_folder", "required for the PSA adapter (in the YAML file or on the command line)"))
     if config.trainable == "lora":
-        for name in ("precompute", "validation_steps"):
+        for name in ("precompute", "validation_steps", "init_adapter"):
             if getattr(config, name):
                 problems.append((name, "not supported with trainable lora"))
     for name in _FIELDS:
@@ -201,7 +225,7 @@ def _range_problems(config: TrainingConfig) -> list[tuple[str, str]]:
     for name in positive:
         if getattr(config, name) < 1:
             problems.append((name, f"must be >= 1, got {getattr(config, name)}"))
-    for name in ("lr_warmup_steps", "validation_steps", "dataloader_num_workers", "chosen_loss_weight",
+    for name in ("lr_warmup_steps", "validation_steps", "dataloader_num_workers", "chosen_loss_weight", "anchor_loss_weight",
                  "timestep_bias_multiplier", "timestep_bias_begin"):
         if getattr(config, name) < 0:
             problems.append((name, f"must be >= 0, got {getattr(config, name)}"))
@@ -220,6 +244,9 @@ def _range_problems(config: TrainingConfig) -> list[tuple[str, str]]:
         problems.append(("resolution", f"must be a multiple of 8 (the VAE's downsampling), got {config.resolution}"))
     if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
         problems.append(("checkpoints_total_limit", f"must be >= 1, got {config.checkpoints_total_limit}"))
+    if config.overwrite_output_dir and config.resume_from_checkpoint not in (None, "latest"):
+        problems.append(("overwrite_output_dir", "starts a new run, so it cannot be combined with resuming "
+                                                 f"from {config.resume_from_checkpoint!r}"))
     if config.validation_steps and not config.validation_prompts:
         problems.append(("validation_prompts", "validation_steps is set but there are no validation prompts"))
     return problems

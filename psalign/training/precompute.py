@@ -7,6 +7,8 @@ Layout of ``cache_dir``:
 * ``pairs-<k>-of-<n>.safetensors``: pairs ``[k*P, (k+1)*P)`` (``P`` = :data:`PAIRS_PER_FILE`):
   ``chosen_latents``, ``rejected_latents`` (P, C, h, w), ``prompt_embeds`` (P, L, d_c),
   ``pooled_embeds`` (P, d_p, SDXL only), ``original_size`` and ``crop_top_left`` (P, 2) int64;
+  for the safe-anchor objectives also ``chosen_prompt_embeds`` (and ``chosen_pooled_embeds``),
+  the conditioning of the caption that drew the chosen image;
 * ``empty.safetensors``: the empty prompt's conditioning (one row).
 
 File ``k`` is written by process ``k mod num_processes``, atomically, and skipped when present,
@@ -62,7 +64,7 @@ def write_cache_info(cache_dir: str | Path, info: dict) -> None:
 
 def cache_info(config, model_type: str, metadata: Path, num_pairs: int) -> dict:
     """What a cache depends on (compared with :func:`check_cache_info`)."""
-    return {
+    info = {
         "format_version": CACHE_FORMAT_VERSION,
         "pretrained_model": str(config.pretrained_model),
         "model_type": model_type,
@@ -74,6 +76,9 @@ def cache_info(config, model_type: str, metadata: Path, num_pairs: int) -> dict:
         "metadata_sha256": file_sha256(metadata),
         "num_pairs": num_pairs,
     }
+    if config.objective in ("safe_anchor", "dpo_safe_anchor"):
+        info["chosen_caption_embeds"] = True
+    return info
 
 
 @torch.no_grad()
@@ -86,8 +91,10 @@ def precompute_cache(
     num_processes: int,
     batch_size: int,
     num_workers: int = 0,
+    chosen_captions: bool = False,
 ) -> int:
-    """Write this process's missing cache files (and, on process 0, ``empty.safetensors``).
+    """Write this process's missing cache files (and, on process 0, ``empty.safetensors``);
+    ``chosen_captions``: also encode each pair's ``chosen_caption``.
 
     Returns the number of files written. The caller waits for every process afterwards.
     """
@@ -116,6 +123,9 @@ def precompute_cache(
                 "original_size": batch["original_size"],
                 "crop_top_left": batch["crop_top_left"],
             }
+            if chosen_captions:
+                chosen = _text_tensors(text_encoders.encode(batch["chosen_caption"]))
+                tensors.update({f"chosen_{name}": tensor for name, tensor in chosen.items()})
             for name, tensor in tensors.items():
                 parts.setdefault(name, []).append(tensor.cpu())
         _save(files[k], {name: torch.cat(values) for name, values in parts.items()})

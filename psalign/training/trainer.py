@@ -1,4 +1,4 @@
-"""PSA adapter training with Diffusion-DPO under Accelerate, for SD1.5- and SDXL-shaped pipelines.
+"""PSA adapter training under Accelerate (Diffusion-DPO or a safe-anchor objective), for SD1.5- and SDXL-shaped pipelines.
 
 One optimizer step, per process and micro-batch of B pairs:
 
@@ -8,8 +8,9 @@ One optimizer step, per process and micro-batch of B pairs:
    shared by chosen and rejected;
 3. one noise and one timestep per pair, shared by chosen and rejected;
 4. the adapted UNet's prediction (adapter on, gradients to the adapter only) and the reference
-   prediction (the same UNet with the adapter switched off, under no_grad);
-5. :func:`psalign.loss.diffusion_dpo_loss`, a guard against non-finite values, backward,
+   prediction (the same UNet with the adapter switched off, under no_grad), as the
+   ``objective`` asks (:mod:`.objectives`);
+5. the objective's loss (:mod:`psalign.loss`), a guard against non-finite values, backward,
    clipping and an AdamW step on the fp32 adapter weights.
 
 The frozen UNet, VAE and text encoders run in the ``mixed_precision`` dtype; the adapter's
@@ -24,21 +25,24 @@ no user dropout, and the result is a diffusers LoRA (``pytorch_lora_weights.safe
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate.tracking import GeneralTracker
 
-from psalign.adapter import PSAAdapter
+from psalign.adapter import PSAAdapter, convert_published_checkpoint, inspect_adapter
 from psalign.embeddings import load_embedding_stats, load_user_embedding
 from psalign.io import InputError, InputProblem, atomic_write
-from psalign.loss import LOSS_METRICS, DPOLossOutput, diffusion_dpo_loss, regression_target
+from psalign.loss import DPOLossOutput, LossOutput
 
 from . import checkpoints
+from .checks import expert_data_problems, pair_data_problems
 from .conditioning import (
     SDXL,
     FrozenTextEncoders,
@@ -59,29 +63,30 @@ from .precompute import (
     precompute_cache,
     write_cache_info,
 )
-from .timesteps import sample_timesteps, timestep_weights
+from .objectives import anchor_conditioning, dpo_safe_anchor_step_loss, dpo_step_loss, safe_anchor_step_loss
+from .timesteps import timestep_weights
 from .validation import grid_array, save_grid, validation_grid, validation_pipeline
 
-#: Every optimizer step logs :data:`psalign.loss.LOSS_METRICS` plus ``lr``, ``grad_norm`` and ``pairs_per_second``.
-METRICS_FILE = Path("logs") / "metrics.jsonl"
+#: Every optimizer step logs its objective's values (``logged`` of :mod:`psalign.loss`'s outputs) plus ``lr``,
+#: ``grad_norm`` and ``pairs_per_second``.
+METRICS_FILE = checkpoints.METRICS_FILE
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(RuntimeError):
-    """The DPO loss became NaN or infinite; the run stopped before that step changed anything."""
+    """The loss became NaN or infinite; the run stopped before that step changed anything."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The trained weights became NaN or infinite; the run stopped without writing them to a checkpoint."""
 
 
 @dataclass
 class TrainingProgress:
-    """Saved in every checkpoint (``register_for_checkpointing``): the optimizer steps done."""
+    """The optimizer steps done and the run's id, written to every checkpoint's ``training_progress.json``."""
 
     global_step: int = 0
-
-    def state_dict(self) -> dict:
-        return {"global_step": self.global_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.global_step = int(state["global_step"])
+    run_id: str = field(default_factory=checkpoints.new_run_id)
 
 
 @dataclass
@@ -95,7 +100,7 @@ class TrainingInputs:
     embed_std: np.ndarray | None
     validation_users: list[str]
     validation_embeds: torch.Tensor
-    resume: Path | None
+    resume: checkpoints.CheckpointInfo | None
     trackers: list[str]
 
 
@@ -137,12 +142,15 @@ def check_inputs(config: TrainingConfig) -> TrainingInputs:
     elif not lora:
         try:
             stats = load_embedding_stats(config.embeds_folder)
-        except (OSError, ValueError) as err:
-            problem(str(config.embeds_folder), str(err), "embeds_folder")
-    try:
-        resume = checkpoints.resolve_resume(config.resume_from_checkpoint, config.output_dir)
-    except FileNotFoundError as err:
-        problem(str(config.resume_from_checkpoint), str(err), "resume_from_checkpoint")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            problem(str(config.embeds_folder), f"unreadable embedding statistics: {err}", "embeds_folder")
+    resume, resume_problems = _resume_problems(config)
+    problems += resume_problems + _launch_problems()
+    if metadata is not None and lora and metadata.is_file():
+        problems += expert_data_problems(metadata)
+    elif metadata is not None and not lora:
+        embeds_folder = config.embeds_folder if Path(config.embeds_folder).is_dir() else None
+        problems += pair_data_problems(metadata, image_root, embeds_folder, stats)
     trackers = _requested_trackers(config.report_to)
     available = {str(t) for t in get_available_trackers()}
     for name in trackers:
@@ -158,6 +166,10 @@ def check_inputs(config: TrainingConfig) -> TrainingInputs:
         pairs = ExpertPairDataset(
             metadata, resolution=config.resolution, random_crop=config.random_crop, random_flip=config.random_flip
         )
+        problems += _checkpoint_weight_problems(resume, None)
+        problems += _anchor_caption_problems(config, [pair.chosen_caption for pair in pairs.pairs], metadata)
+        if problems:
+            raise InputError(problems, header=f"{len(problems)} problem(s) with the training inputs")
         return TrainingInputs(metadata, model_type, pairs, None, None, [], torch.empty(0), resume, trackers)
     pairs = PreferencePairDataset(
         metadata,
@@ -174,6 +186,9 @@ def check_inputs(config: TrainingConfig) -> TrainingInputs:
             str(Path(config.embeds_folder) / "embedding_stats.npz"),
             f"statistics have dimension {mean.shape[0]} but the user embeddings have {dim}",
         )
+    problems += _checkpoint_weight_problems(resume, dim)
+    problems += _init_adapter_problems(config, dim)
+    problems += _anchor_caption_problems(config, pairs.chosen_captions, metadata)
     users = list(config.validation_users) or list(dict.fromkeys(pairs.user_ids))[:2]
     embeds = []
     if config.validation_steps:
@@ -202,6 +217,110 @@ def check_inputs(config: TrainingConfig) -> TrainingInputs:
     )
 
 
+def _resume_problems(config: TrainingConfig) -> tuple[checkpoints.CheckpointInfo | None, list[InputProblem]]:
+    """The checkpoint to resume from (checked file by file, nothing loaded) and the problems of the
+    resume point and the output folder: a file, an earlier run a fresh start would overwrite, or
+    checkpoints of another run than the resumed one."""
+    where = str(config.resume_from_checkpoint)
+    try:
+        path = checkpoints.resolve_resume(config.resume_from_checkpoint, config.output_dir)
+        resume = checkpoints.inspect_checkpoint(path) if path is not None else None
+    except (FileNotFoundError, checkpoints.CheckpointError) as err:
+        return None, [InputProblem(where, 0, str(err), "resume_from_checkpoint")]
+    problems = []
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if resume is not None and resume.num_processes != processes:
+        problems.append(InputProblem(where, 0, f"{resume.path} was written by {resume.num_processes} process(es); "
+                                               f"resume it with as many (this launch has {processes})",
+                                     "resume_from_checkpoint"))
+    reason = checkpoints.output_dir_problem(config.output_dir, resume, config.overwrite_output_dir)
+    if reason:
+        problems.append(InputProblem(str(config.output_dir), 0, reason, "output_dir"))
+    return resume, problems
+
+
+def _launch_problems() -> list[InputProblem]:
+    """DeepSpeed and FSDP keep their training state in pickles that psalign does not load."""
+    from accelerate.utils import parse_flag_from_env
+
+    plugins = [name for name, flag in (("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"), ("FSDP", "ACCELERATE_USE_FSDP"))
+               if parse_flag_from_env(flag)]
+    return [InputProblem("accelerate launch", 0, f"{name} is not supported: its checkpoints are pickles that psalign "
+                                                 "does not load; train with DDP (the adapter is small)")
+            for name in plugins]
+
+
+def _checkpoint_weight_problems(
+    resume: checkpoints.CheckpointInfo | None, user_embed_dim: int | None
+) -> list[InputProblem]:
+    """A resumed checkpoint whose weights are not of this run's kind (adapter or LoRA) or user dimension."""
+    if resume is None:
+        return []
+    where, shapes = str(resume.path / checkpoints.MODEL_FILE), resume.model_shapes
+    if user_embed_dim is None:
+        if any(not name.startswith("factors.") for name in shapes):
+            return [InputProblem(where, 0, "holds no LoRA factors (a PSA adapter checkpoint?)",
+                                 "resume_from_checkpoint")]
+        return []
+    projection = shapes.get("user_proj.proj.weight")
+    if projection is None or len(projection) != 2:
+        return [InputProblem(where, 0, "holds no PSA adapter weights (a LoRA checkpoint?)", "resume_from_checkpoint")]
+    if projection[1] != user_embed_dim:
+        return [InputProblem(where, 0, f"the adapter takes user embeddings of dimension {projection[1]}, but the "
+                                       f"training embeddings have {user_embed_dim}", "resume_from_checkpoint")]
+    return []
+
+
+def _init_adapter_problems(config: TrainingConfig, user_embed_dim: int) -> list[InputProblem]:
+    """An ``init_adapter`` that cannot initialise this run's adapter: unreadable, or another user
+    embedding dimension or number of user tokens (read from its headers; nothing is loaded)."""
+    if config.init_adapter is None:
+        return []
+    where = str(config.init_adapter)
+    try:
+        summary = inspect_adapter(config.init_adapter)
+    except (OSError, ValueError) as error:
+        return [InputProblem(where, 0, str(error), "init_adapter")]
+    problems = []
+    if summary.user_embed_dim != user_embed_dim:
+        problems.append(InputProblem(where, 0, f"the adapter takes user embeddings of dimension "
+                                               f"{summary.user_embed_dim}, but the training embeddings have "
+                                               f"{user_embed_dim}", "init_adapter"))
+    if summary.num_user_tokens != config.num_user_tokens:
+        problems.append(InputProblem(where, 0, f"the adapter has {summary.num_user_tokens} user token(s), but "
+                                               f"num_user_tokens is {config.num_user_tokens}", "init_adapter"))
+    return problems
+
+
+def init_adapter_state(path: str | Path, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of the adapter at ``path`` (a psalign folder or a published checkpoint), checked
+    against ``unet``'s cross-attention layers; :class:`InputError` naming ``init_adapter`` when they differ."""
+    summary = inspect_adapter(path)
+    try:
+        if summary.layout == "psalign":
+            source = PSAAdapter.from_pretrained(path)
+        else:
+            source = convert_published_checkpoint(path, unet)
+        source.check_unet(unet)
+    except ValueError as error:
+        raise InputError([InputProblem(str(path), 0, str(error), "init_adapter")]) from None
+    return source.state_dict()
+
+
+def _anchor_caption_problems(config: TrainingConfig, captions: list[str | None], metadata: Path) -> list[InputProblem]:
+    """A safe-anchor objective needs the caption that drew every pair's chosen image."""
+    if config.objective not in ("safe_anchor", "dpo_safe_anchor"):
+        return []
+    missing = [i for i, caption in enumerate(captions) if caption is None]
+    if not missing:
+        return []
+    return [InputProblem(str(metadata), 0, f"{len(missing)} of {len(captions)} pairs do not say which caption drew "
+                                           f"their chosen image (the first is pair {missing[0] + 1}); the "
+                                           f"{config.objective} objective needs it: Sage records named "
+                                           "<stem>.jpg_u.jpg / .jpg_s.jpg with _u.jpg / _s.jpg images, or expert "
+                                           "pairs with a chosen_caption", "objective")]
+
+
 def _cache_dir(config: TrainingConfig) -> Path:
     return Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"
 
@@ -211,54 +330,6 @@ def build_adapter(unet: torch.nn.Module, user_embed_dim: int, config: TrainingCo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return PSAAdapter.for_unet(unet, user_embed_dim, num_user_tokens=config.num_user_tokens)
-
-
-def dpo_step_loss(
-    unet: torch.nn.Module,
-    adapter_module: torch.nn.Module,
-    adapter: PSAAdapter,
-    noise_scheduler,
-    latents: torch.Tensor,
-    text: TextConditioning,
-    time_ids: torch.Tensor | None,
-    user_embeds: torch.Tensor | None,
-    null_user: torch.Tensor | None,
-    beta: float,
-    chosen_weight: float = 0.0,
-    timestep_weights: torch.Tensor | None = None,
-) -> DPOLossOutput:
-    """Diffusion-DPO loss of one micro-batch of B pairs (:func:`psalign.loss.dpo_loss`'s ``beta`` and ``chosen_weight``).
-
-    ``latents`` (2B, C, h, w) are ``[chosen; rejected]``; ``text`` (B rows, after dropout),
-    ``time_ids`` (B, 6) or None, ``user_embeds`` (B, D) and ``null_user`` (B,) are per pair (both
-    None for trainable weights without a user, such as :class:`~psalign.training.lora.UNetLoRA`).
-    ``adapter_module`` is the (possibly DDP-wrapped) ``adapter``: calling it keeps gradients in sync.
-    Noise and timesteps come from the global RNG, one per pair, shared by chosen and rejected;
-    timesteps are uniform, or drawn in proportion to ``timestep_weights`` (:mod:`.timesteps`).
-    """
-    pairs = latents.shape[0] // 2
-    latents = latents.float().contiguous()
-    noise = torch.randn(latents[:pairs].shape, device=latents.device).repeat(2, 1, 1, 1)
-    timesteps = sample_timesteps(
-        pairs, noise_scheduler.config.num_train_timesteps, timestep_weights, latents.device
-    ).repeat(2)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(unet.dtype)
-    kwargs = unet_conditioning(
-        text.repeat(2).to(latents.device, unet.dtype), None if time_ids is None else time_ids.repeat(2, 1)
-    )
-    # The reference pass runs first, so its working memory is freed before the adapted pass's
-    # saved activations pile up (peak: the larger of the two, not their sum).
-    with adapter.disabled(), torch.no_grad():
-        reference_pred = unet(noisy, timesteps, **kwargs).sample
-    # The conditioning stays active after this call: gradient checkpointing recomputes the
-    # adapted forward pass during the backward pass.
-    users = () if user_embeds is None else (user_embeds.repeat(2, 1), null_user.repeat(2))
-    adapter.activate(adapter_module(*users))
-    model_pred = unet(noisy, timesteps, **kwargs).sample
-    target = regression_target(noise_scheduler, latents, noise, timesteps)
-    return diffusion_dpo_loss(
-        model_pred.float(), reference_pred.float(), target.float(), beta=beta, chosen_weight=chosen_weight
-    )
 
 
 class JSONLinesTracker(GeneralTracker):
@@ -319,6 +390,8 @@ class PSATrainer:
         self.progress = TrainingProgress()
         self.vae = None
         self.text_encoders: FrozenTextEncoders | None = None
+        self.accelerator.print(f"inputs checked ({len(self.inputs.pairs)} pairs); loading the models from "
+                               f"{config.pretrained_model}")
         self._load_models()
         self._build_data()
         self._build_optimizer()
@@ -367,6 +440,8 @@ class PSATrainer:
             return
         dim = self.inputs.embed_mean.shape[0]
         self.adapter = build_adapter(self.unet, dim, config)
+        if config.init_adapter is not None:  # a resumed checkpoint's weights replace these in train()
+            self.adapter.load_state_dict(init_adapter_state(config.init_adapter, self.unet))
         self.adapter.set_embedding_stats(
             torch.from_numpy(self.inputs.embed_mean), torch.from_numpy(self.inputs.embed_std)
         )
@@ -395,6 +470,7 @@ class PSATrainer:
                 accelerator.num_processes,
                 batch_size=config.train_batch_size,
                 num_workers=config.dataloader_num_workers,
+                chosen_captions=self.uses_anchor,
             )
         accelerator.wait_for_everyone()
         self.vae = self.text_encoders = None  # the loop reads the cache; validation loads its own
@@ -418,38 +494,57 @@ class PSATrainer:
         self.adapter_module, self.optimizer, self.lr_scheduler = accelerator.prepare(
             self.adapter, optimizer, lr_scheduler
         )
-        accelerator.register_for_checkpointing(self.progress)
 
     # ------------------------------------------------------------------ one micro-batch
-    def _batch_inputs(self, batch: dict) -> tuple[torch.Tensor, TextConditioning, torch.Tensor | None, torch.Tensor]:
-        """``(latents [chosen; rejected], text before dropout, time_ids or None, user_embeds)``."""
+    def _batch_inputs(
+        self, batch: dict
+    ) -> tuple[torch.Tensor, TextConditioning, TextConditioning | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(latents [chosen; rejected], text before dropout, the chosen image's caption's
+        conditioning (safe-anchor objectives) or None, time_ids or None, user_embeds or None)``."""
         device = self.accelerator.device
+        chosen_text = None
         if self.config.precompute:
             latents = torch.cat([batch["chosen_latents"], batch["rejected_latents"]]).to(device)
             text = TextConditioning(batch["prompt_embeds"], batch.get("pooled_embeds")).to(device, self.dtype)
+            if self.uses_anchor:
+                chosen_text = TextConditioning(
+                    batch["chosen_prompt_embeds"], batch.get("chosen_pooled_embeds")).to(device, self.dtype)
         else:
             latents = vae_latents(self.vae, torch.cat([batch["chosen"], batch["rejected"]]))
             text = self.text_encoders.encode(batch["caption"])
+            if self.uses_anchor:
+                chosen_text = self.text_encoders.encode(batch["chosen_caption"])
         time_ids = None
         if self.is_sdxl:
             time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], self.config.resolution).to(device)
         user_embeds = batch["user_embed"].to(device, torch.float32) if "user_embed" in batch else None
-        return latents, text, time_ids, user_embeds
+        return latents, text, chosen_text, time_ids, user_embeds
 
     def _empty_text(self) -> TextConditioning:
         return self.cached_empty if self.config.precompute else self.text_encoders.empty()
 
-    def _micro_step(self, batch: dict) -> DPOLossOutput:
+    @property
+    def uses_anchor(self) -> bool:
+        """Whether the objective needs the chosen image's caption (a safe-anchor term)."""
+        return self.config.objective in ("safe_anchor", "dpo_safe_anchor")
+
+    def _micro_step(self, batch: dict) -> DPOLossOutput | LossOutput:
         config, device = self.config, self.accelerator.device
-        latents, text, time_ids, user_embeds = self._batch_inputs(batch)
+        latents, prompt_text, chosen_text, time_ids, user_embeds = self._batch_inputs(batch)
         pairs = latents.shape[0] // 2
         drop_text = torch.rand(pairs, device=device) < config.proportion_empty_prompts
         null_user = None if user_embeds is None else torch.rand(pairs, device=device) < config.user_dropout
-        text = text.where(drop_text, self._empty_text())
-        return dpo_step_loss(
-            self.unet, self.adapter_module, self.adapter, self.noise_scheduler, latents, text, time_ids,
-            user_embeds, null_user, config.beta_dpo, config.chosen_loss_weight, self.timestep_weights,
-        )
+        text = prompt_text.where(drop_text, self._empty_text())
+        models = (self.unet, self.adapter_module, self.adapter, self.noise_scheduler, latents)
+        if config.objective == "dpo":
+            return dpo_step_loss(*models, text, time_ids, user_embeds, null_user, config.beta_dpo,
+                                 config.chosen_loss_weight, self.timestep_weights)
+        anchor_text = anchor_conditioning(chosen_text, prompt_text, self._empty_text(), null_user, drop_text)
+        if config.objective == "safe_anchor":
+            return safe_anchor_step_loss(*models, text, anchor_text, time_ids, user_embeds, null_user,
+                                         self.timestep_weights)
+        return dpo_safe_anchor_step_loss(*models, text, anchor_text, time_ids, user_embeds, null_user, config.beta_dpo,
+                                         config.chosen_loss_weight, config.anchor_loss_weight, self.timestep_weights)
 
     # ------------------------------------------------------------------ run
     def train(self) -> Path:
@@ -461,11 +556,15 @@ class PSATrainer:
         # Noise, timesteps and dropout draw from the global RNGs, seeded here (per process) so that
         # no setup work shifts them; a resumed run restores them from the checkpoint instead.
         set_seed(config.seed, device_specific=True)
-        if self.inputs.resume is not None:
-            accelerator.print(f"resuming from {self.inputs.resume}")
-            accelerator.load_state(str(self.inputs.resume))
-        elif config.resume_from_checkpoint == "latest":
-            accelerator.print(f"no checkpoint in {self.output_dir} yet: starting a new run")
+        resume = self.inputs.resume
+        if resume is not None:
+            accelerator.print(f"resuming from {resume.path} (optimizer step {resume.global_step})")
+            self._load_checkpoint(resume)
+        else:
+            if config.resume_from_checkpoint == "latest":
+                accelerator.print(f"no checkpoint in {self.output_dir} yet: starting a new run")
+            if config.overwrite_output_dir:
+                self._remove_earlier_run()
         accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
         accum = config.gradient_accumulation_steps
         stream = micro_batches(
@@ -481,11 +580,12 @@ class PSATrainer:
             total=config.max_train_steps, initial=self.progress.global_step, desc="PSA training" if config.trainable == "adapter" else "LoRA training", unit="step",
             disable=not accelerator.is_local_main_process,
         )
-        sums, micro, started = torch.zeros(len(LOSS_METRICS), dtype=torch.float64), 0, time.perf_counter()
+        sums, names, micro, started = None, (), 0, time.perf_counter()
         while self.progress.global_step < config.max_train_steps:
             batch = next(stream)
             with accelerator.accumulate(self.adapter_module):
                 out = self._micro_step(batch)
+                names = tuple(out.logged)
                 values = accelerator.reduce(out.stacked(), reduction="mean")
                 micro += 1
                 if not torch.isfinite(values[0]):
@@ -497,13 +597,13 @@ class PSATrainer:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad()
-            sums += values.detach().cpu().double()
+            sums = values.detach().cpu().double() + (0 if sums is None else sums)
             if not accelerator.sync_gradients:
                 continue
             self.progress.global_step += 1
             step = self.progress.global_step
             elapsed = time.perf_counter() - started
-            logs = {name: float(v) for name, v in zip(LOSS_METRICS, sums / micro)}
+            logs = {name: float(v) for name, v in zip(names, sums / micro)}
             logs.update(
                 lr=self.lr_scheduler.get_last_lr()[0],
                 grad_norm=float(grad_norm),
@@ -511,13 +611,12 @@ class PSATrainer:
             )
             accelerator.log(logs, step=step)
             bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}")
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if step % config.checkpointing_steps == 0:
                 self.save_checkpoint(step)
             if config.validation_steps and step % config.validation_steps == 0:
                 self.validate(step)
-            sums.zero_()
-            micro, started = 0, time.perf_counter()
+            sums, micro, started = None, 0, time.perf_counter()
         bar.close()
         self._check_replicas_in_sync()
         accelerator.wait_for_everyone()
@@ -554,29 +653,86 @@ class PSATrainer:
             json.dump(info, handle, indent=2)
         self.accelerator.print(f"LoRA expert written to {path}")
 
+    def _last_good_checkpoint_advice(self) -> str:
+        """Names this run's newest checkpoint with finite weights, and how to resume from it."""
+        last = checkpoints.last_good_checkpoint(self.output_dir, self.progress.run_id)
+        if last is None:
+            return "no good checkpoint had been written yet"
+        resume = "latest" if last == checkpoints.latest_checkpoint(self.output_dir) else str(last)
+        return f"the last good checkpoint {last} is intact (resume with --resume_from_checkpoint {resume})"
+
     def _stop_non_finite(self, value: float, micro: int) -> None:
         step = self.progress.global_step + 1
-        last = checkpoints.latest_checkpoint(self.output_dir)
-        kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint had been written yet"
         raise NonFiniteLossError(
             f"non-finite DPO loss ({value}) at optimizer step {step} (micro-batch {micro} of "
-            f"{self.config.gradient_accumulation_steps}); stopped before the update, {kept}. Try a lower "
-            "--learning_rate or --beta_dpo, or bf16 instead of fp16, and resume with --resume_from_checkpoint latest"
+            f"{self.config.gradient_accumulation_steps}); stopped before the update, "
+            f"{self._last_good_checkpoint_advice()}. Try a lower --learning_rate or --beta_dpo, or bf16 instead of fp16"
         )
 
+    def _non_finite_weights(self) -> list[str]:
+        return [name for name, param in self.adapter.named_parameters() if not torch.isfinite(param).all()]
+
     def save_checkpoint(self, step: int) -> Path:
-        """The full Accelerate state (adapter, optimizer, LR scheduler, RNG states, step) as ``checkpoint-<step>``."""
+        """Write ``checkpoint-<step>`` (:mod:`.checkpoints`: trainable weights, optimizer, LR scheduler,
+        gradient scaler, every process's RNG states, the step and run id). Weights that are not finite
+        are never written: :class:`NonFiniteWeightsError` names the last good checkpoint instead."""
         accelerator = self.accelerator
+        bad = self._non_finite_weights()
+        if bad:
+            raise NonFiniteWeightsError(
+                f"the trained weights are not finite after optimizer step {step} ({', '.join(bad[:3])}); "
+                f"checkpoint-{step} was not written, {self._last_good_checkpoint_advice()}. Try a lower "
+                "--learning_rate or --max_grad_norm"
+            )
         partial = checkpoints.partial_path(self.output_dir, step)
         if accelerator.is_main_process and partial.exists():
             shutil.rmtree(partial)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
+        partial.mkdir(parents=True, exist_ok=True)
+        # The full weights, gathered from every process when a plugin shards them.
+        weights = accelerator.get_state_dict(self.adapter_module)
+        checkpoints.write_rng_state(partial, accelerator.process_index)
+        if accelerator.is_main_process:
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            checkpoints.write_checkpoint_files(
+                partial, weights, self.optimizer.state_dict(), self.lr_scheduler.state_dict(), scaler, step,
+                self.progress.run_id, accelerator.num_processes,
+            )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            checkpoints.finish_checkpoint(self.output_dir, step, self.config.checkpoints_total_limit)
+            checkpoints.finish_checkpoint(
+                self.output_dir, step, self.config.checkpoints_total_limit, self.progress.run_id
+            )
         accelerator.wait_for_everyone()
         return checkpoints.checkpoint_path(self.output_dir, step)
+
+    def _load_checkpoint(self, info: checkpoints.CheckpointInfo) -> None:
+        """Restore every state :meth:`save_checkpoint` wrote, on this process, through safe loaders only."""
+        accelerator = self.accelerator
+        state = checkpoints.read_training_state(info.path, accelerator.process_index, accelerator.num_processes)
+        try:
+            self.adapter.load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
+            self.lr_scheduler.load_state_dict(state.scheduler)
+        except (RuntimeError, ValueError, KeyError) as error:
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            raise checkpoints.CheckpointError(
+                f"{info.path} does not fit this run's trainable weights ({reason})"
+            ) from None
+        if accelerator.scaler is not None and state.scaler is not None:
+            accelerator.scaler.load_state_dict(state.scaler)
+        checkpoints.restore_rng_state(state.rng)
+        self.progress = TrainingProgress(info.global_step, info.run_id)
+
+    def _remove_earlier_run(self) -> None:
+        """``--overwrite_output_dir``: delete what an earlier run left in the output folder (main process)."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            removed = checkpoints.remove_earlier_run(self.output_dir)
+            if removed:
+                accelerator.print(f"--overwrite_output_dir: deleted the earlier run's "
+                                  f"{checkpoints.describe_paths(removed, self.output_dir)}")
+        accelerator.wait_for_everyone()
 
     def validate(self, step: int) -> None:
         """Write ``validation/step-<step>.png`` (users x prompts) and log it to image-capable trackers."""

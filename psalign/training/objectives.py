@@ -1,0 +1,162 @@
+"""The loss of one micro-batch for each training objective (``--objective``).
+
+Each function draws one noise and one timestep per pair from the global RNG (uniform timesteps,
+or in proportion to ``timestep_weights``), runs the frozen reference passes first (adapter off,
+no gradient; their memory is freed before the adapted pass's activations pile up), then the
+adapted pass, and returns the objective's loss from :mod:`psalign.loss`:
+
+* ``dpo`` (:func:`dpo_step_loss`): Diffusion-DPO on ``[chosen; rejected]``, the published loss
+  (with ``chosen_weight``, the chosen-error anchor);
+* ``safe_anchor`` (:func:`safe_anchor_step_loss`): at the chosen image's noisy latent, the
+  adapted model (the pair's caption and user) regresses onto the frozen model's prediction for
+  ``anchor_text``, the caption that drew the chosen image;
+* ``dpo_safe_anchor`` (:func:`dpo_safe_anchor_step_loss`): both, on one noise and timestep per pair.
+
+Shapes: ``latents`` (2B, C, h, w) are ``[chosen; rejected]``; ``text`` and ``anchor_text`` have
+B rows (after dropout), ``time_ids`` (B, 6) or None, ``user_embeds`` (B, D) and ``null_user``
+(B,) bool (both None for trainable weights without a user, such as a LoRA).
+``adapter_module`` is the (possibly DDP-wrapped) ``adapter``: calling it keeps gradients in sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from psalign.loss import (
+    DPOLossOutput,
+    LossOutput,
+    diffusion_dpo_loss,
+    dpo_safe_anchor_loss,
+    regression_target,
+    safe_anchor_loss,
+)
+
+from .conditioning import TextConditioning, unet_conditioning
+from .timesteps import sample_timesteps
+
+
+def _noisy(noise_scheduler, latents: torch.Tensor, timestep_weights: torch.Tensor | None, dtype: torch.dtype):
+    """``(latents fp32, noise, timesteps, noisy latents)``: one noise and timestep per pair, shared by
+    chosen and rejected."""
+    pairs = latents.shape[0] // 2
+    latents = latents.float().contiguous()
+    noise = torch.randn(latents[:pairs].shape, device=latents.device).repeat(2, 1, 1, 1)
+    timesteps = sample_timesteps(
+        pairs, noise_scheduler.config.num_train_timesteps, timestep_weights, latents.device
+    ).repeat(2)
+    return latents, noise, timesteps, noise_scheduler.add_noise(latents, noise, timesteps).to(dtype)
+
+
+def _kwargs(text: TextConditioning, time_ids: torch.Tensor | None, device, dtype, repeat: int) -> dict:
+    return unet_conditioning(
+        text.repeat(repeat).to(device, dtype), None if time_ids is None else time_ids.repeat(repeat, 1)
+    )
+
+
+def _activate(adapter_module, adapter, user_embeds, null_user, repeat: int) -> None:
+    # The conditioning stays active after this call: gradient checkpointing recomputes the
+    # adapted forward pass during the backward pass.
+    users = () if user_embeds is None else (user_embeds.repeat(repeat, 1), null_user.repeat(repeat))
+    adapter.activate(adapter_module(*users))
+
+
+def dpo_step_loss(
+    unet: torch.nn.Module,
+    adapter_module: torch.nn.Module,
+    adapter,
+    noise_scheduler,
+    latents: torch.Tensor,
+    text: TextConditioning,
+    time_ids: torch.Tensor | None,
+    user_embeds: torch.Tensor | None,
+    null_user: torch.Tensor | None,
+    beta: float,
+    chosen_weight: float = 0.0,
+    timestep_weights: torch.Tensor | None = None,
+) -> DPOLossOutput:
+    """Diffusion-DPO loss of one micro-batch of B pairs (:func:`psalign.loss.dpo_loss`'s ``beta`` and ``chosen_weight``)."""
+    latents, noise, timesteps, noisy = _noisy(noise_scheduler, latents, timestep_weights, unet.dtype)
+    kwargs = _kwargs(text, time_ids, latents.device, unet.dtype, 2)
+    with adapter.disabled(), torch.no_grad():
+        reference_pred = unet(noisy, timesteps, **kwargs).sample
+    _activate(adapter_module, adapter, user_embeds, null_user, 2)
+    model_pred = unet(noisy, timesteps, **kwargs).sample
+    target = regression_target(noise_scheduler, latents, noise, timesteps)
+    return diffusion_dpo_loss(
+        model_pred.float(), reference_pred.float(), target.float(), beta=beta, chosen_weight=chosen_weight
+    )
+
+
+def safe_anchor_step_loss(
+    unet: torch.nn.Module,
+    adapter_module: torch.nn.Module,
+    adapter,
+    noise_scheduler,
+    latents: torch.Tensor,
+    text: TextConditioning,
+    anchor_text: TextConditioning,
+    time_ids: torch.Tensor | None,
+    user_embeds: torch.Tensor | None,
+    null_user: torch.Tensor | None,
+    timestep_weights: torch.Tensor | None = None,
+) -> LossOutput:
+    """:func:`psalign.loss.safe_anchor_loss` of one micro-batch: only the chosen half of
+    ``latents`` is denoised (B frozen and B adapted samples; the rejected images are unused)."""
+    latents, _, timesteps, noisy = _noisy(noise_scheduler, latents, timestep_weights, unet.dtype)
+    pairs = latents.shape[0] // 2
+    noisy, timesteps = noisy[:pairs], timesteps[:pairs]
+    with adapter.disabled(), torch.no_grad():
+        anchor_pred = unet(noisy, timesteps, **_kwargs(anchor_text, time_ids, latents.device, unet.dtype, 1)).sample
+    _activate(adapter_module, adapter, user_embeds, null_user, 1)
+    model_pred = unet(noisy, timesteps, **_kwargs(text, time_ids, latents.device, unet.dtype, 1)).sample
+    return safe_anchor_loss(model_pred.float(), anchor_pred.float())
+
+
+def dpo_safe_anchor_step_loss(
+    unet: torch.nn.Module,
+    adapter_module: torch.nn.Module,
+    adapter,
+    noise_scheduler,
+    latents: torch.Tensor,
+    text: TextConditioning,
+    anchor_text: TextConditioning,
+    time_ids: torch.Tensor | None,
+    user_embeds: torch.Tensor | None,
+    null_user: torch.Tensor | None,
+    beta: float,
+    chosen_weight: float,
+    anchor_weight: float,
+    timestep_weights: torch.Tensor | None = None,
+) -> LossOutput:
+    """:func:`psalign.loss.dpo_safe_anchor_loss`: the DPO passes on ``[chosen; rejected]`` plus one
+    frozen pass on the chosen latents with ``anchor_text``; the anchor term reuses the adapted
+    prediction of the chosen half."""
+    latents, noise, timesteps, noisy = _noisy(noise_scheduler, latents, timestep_weights, unet.dtype)
+    pairs = latents.shape[0] // 2
+    kwargs = _kwargs(text, time_ids, latents.device, unet.dtype, 2)
+    with adapter.disabled(), torch.no_grad():
+        reference_pred = unet(noisy, timesteps, **kwargs).sample
+        anchor_kwargs = _kwargs(anchor_text, time_ids, latents.device, unet.dtype, 1)
+        anchor_pred = unet(noisy[:pairs], timesteps[:pairs], **anchor_kwargs).sample
+    _activate(adapter_module, adapter, user_embeds, null_user, 2)
+    model_pred = unet(noisy, timesteps, **kwargs).sample.float()
+    target = regression_target(noise_scheduler, latents, noise, timesteps)
+    dpo = diffusion_dpo_loss(model_pred, reference_pred.float(), target.float(), beta=beta, chosen_weight=chosen_weight)
+    anchor = safe_anchor_loss(model_pred[:pairs], anchor_pred.float())
+    return dpo_safe_anchor_loss(dpo, anchor, anchor_weight)
+
+
+def anchor_conditioning(
+    chosen_text: TextConditioning,
+    prompt_text: TextConditioning,
+    empty_text: TextConditioning,
+    null_user: torch.Tensor | None,
+    drop_text: torch.Tensor,
+) -> TextConditioning:
+    """The anchor's caption per pair (B rows): the one that drew the chosen image; the pair's own
+    caption for a null-user pair (the null user stands for no personalization, so the target is
+    the base model's own behaviour); the empty prompt for a text-dropped pair."""
+    anchor = chosen_text
+    if null_user is not None:
+        anchor = anchor.where(null_user, prompt_text)
+    return anchor.where(drop_text, empty_text)

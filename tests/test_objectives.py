@@ -1,0 +1,212 @@
+"""The safe-anchor objectives: pure losses by hand, the target captions, the step functions and
+whole training runs on tiny SD1.5- and SDXL-shaped pipelines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from psalign.io import InputError
+from psalign.loss import diffusion_dpo_loss, dpo_safe_anchor_loss, safe_anchor_loss
+from psalign.sage import PreferencePairDataset, chosen_captions
+from psalign.training import PSATrainer, read_metrics, train
+from psalign.training.conditioning import TextConditioning
+from psalign.training.objectives import (
+    anchor_conditioning,
+    dpo_safe_anchor_step_loss,
+    dpo_step_loss,
+    safe_anchor_step_loss,
+)
+
+from .test_training import fresh_accelerate_state, unet_with_random_adapter  # noqa: F401 (fixture)
+from .training_support import SAGE_CAPTIONS, USER_DIM, tiny_config, write_sage_training_set, write_training_set
+
+
+# ---------------------------------------------------------------------------------------------- pure losses
+
+
+def test_safe_anchor_loss_is_the_mean_squared_error_to_the_frozen_prediction():
+    model = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 0.0]]]], requires_grad=True)  # (2, 1, 1, 2)
+    anchor = torch.tensor([[[[0.0, 1.0]]], [[[2.0, 0.0]]]], requires_grad=True)
+    out = safe_anchor_loss(model, anchor)
+    # sample 0: (1 + 4) / 2 = 2.5; sample 1: (4 + 0) / 2 = 2; mean 2.25
+    assert out.loss.item() == pytest.approx(2.25)
+    assert list(out.logged) == ["loss", "anchor_mse"] and out.metrics() == {"loss": 2.25, "anchor_mse": 2.25}
+    out.loss.backward()
+    # d/dm of mean_i mean_j (m - a)^2 = 2 (m - a) / (2 samples * 2 values)
+    assert model.grad.flatten().tolist() == pytest.approx([0.5, 1.0, -1.0, 0.0])
+    assert anchor.grad is None  # the frozen prediction is a target, not trained
+    with pytest.raises(ValueError, match="share one shape"):
+        safe_anchor_loss(torch.zeros(2, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+
+
+def test_dpo_safe_anchor_loss_adds_the_weighted_anchor_to_the_dpo_loss():
+    torch.manual_seed(0)
+    model, reference, target = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    dpo = diffusion_dpo_loss(model, reference, target, beta=10.0)
+    anchor = safe_anchor_loss(model[:2], torch.zeros(2, 1, 2, 2))
+    out = dpo_safe_anchor_loss(dpo, anchor, anchor_weight=3.0)
+    assert out.loss.item() == pytest.approx(dpo.loss.item() + 3.0 * anchor.loss.item())
+    assert list(out.logged) == ["loss", "dpo_loss", "implicit_acc", "model_mse", "ref_mse", "reward_margin",
+                                "chosen_mse_gap", "anchor_mse"]
+    assert out.metrics()["dpo_loss"] == pytest.approx(dpo.loss.item())
+    assert out.metrics()["anchor_mse"] == pytest.approx(anchor.loss.item())
+
+
+# ---------------------------------------------------------------------------------------------- target captions
+
+
+def test_chosen_captions_follow_the_sage_rule():
+    unit = ("user_0000001_violence_a_fight_00000", "pool/fight_s.jpg", "pool/fight_u.jpg")
+    stem, safe, unsafe = unit
+    records = [
+        # a user who bans Violence: the safe image is chosen for both captions
+        {"file_name": f"{stem}.jpg_u.jpg", "chosen": safe, "rejected": unsafe, "caption": "a fight"},
+        {"file_name": f"{stem}.jpg_s.jpg", "chosen": safe, "rejected": unsafe, "caption": "a handshake"},
+        # a user who allows it: the unsafe image is chosen for the unsafe caption
+        {"file_name": "user_0000002_violence_a_fight_00000.jpg_u.jpg", "chosen": unsafe, "rejected": safe,
+         "caption": "a fight"},
+        {"file_name": "pair_7.jpg", "chosen": "images/a.png", "rejected": "images/b.png", "caption": "a cat"},
+    ]
+    assert chosen_captions(records) == ["a handshake", "a handshake", "a fight", None]
+    # only the unsafe record of a unit: its chosen safe image's caption is unknown
+    assert chosen_captions(records[:1]) == [None]
+    clash = [records[1], {**records[1], "file_name": "user_0000003_violence_a_fight_00000.jpg_s.jpg",
+                          "caption": "a hug"}]
+    with pytest.raises(ValueError, match="drawn from 'a handshake'"):
+        chosen_captions(clash)
+
+
+def test_anchor_conditioning_uses_the_prompt_for_null_users_and_the_empty_prompt_when_dropped():
+    chosen, prompt, empty = (TextConditioning(torch.full((3, 1, 1), v)) for v in (1.0, 2.0, 0.0))
+    null_user, dropped = torch.tensor([False, True, False]), torch.tensor([False, False, True])
+    anchor = anchor_conditioning(chosen, prompt, empty, null_user, dropped)
+    assert anchor.prompt_embeds.flatten().tolist() == [1.0, 2.0, 0.0]
+    no_users = anchor_conditioning(chosen, prompt, empty, None, torch.tensor([False, False, False]))
+    assert no_users.prompt_embeds.flatten().tolist() == [1.0, 1.0, 1.0]
+
+
+def test_the_dataset_gives_each_pair_its_chosen_caption(tmp_path):
+    data, embeds = write_sage_training_set(tmp_path)
+    pairs = PreferencePairDataset(data / "metadata.jsonl", data, embeds, resolution=16)
+    unsafe, safe = SAGE_CAPTIONS[0]
+    # unit 0: the user bans Violence, so the safe image (drawn from the rewrite) is chosen for both captions;
+    # unit 1: the user allows it, so the unsafe caption's chosen image is the unsafe one
+    assert pairs.chosen_captions[:4] == [safe, safe, SAGE_CAPTIONS[1][0], SAGE_CAPTIONS[1][1]]
+    assert pairs[0]["caption"] == unsafe and pairs[0]["chosen_caption"] == safe
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def _step_inputs(pairs: int = 3):
+    torch.manual_seed(0)
+    latents = torch.randn(2 * pairs, 4, 8, 8)
+    text, anchor = TextConditioning(torch.randn(pairs, 77, 32)), TextConditioning(torch.randn(pairs, 77, 32))
+    return latents, text, anchor, torch.randn(pairs, USER_DIM), torch.zeros(pairs, dtype=torch.bool)
+
+
+def test_safe_anchor_step_denoises_the_chosen_half_frozen_first(tiny_sd15_path):
+    unet, scheduler, adapter = unet_with_random_adapter(tiny_sd15_path)
+    latents, text, anchor, users, null = _step_inputs()
+    calls = []
+    unet.register_forward_pre_hook(
+        lambda module, args: calls.append((adapter.enabled, torch.is_grad_enabled(), args[0].shape[0])))
+    out = safe_anchor_step_loss(unet, adapter, adapter, scheduler, latents, text, anchor, None, users, null)
+    assert calls == [(False, False, 3), (True, True, 3)]  # frozen anchor pass, then the adapted one
+    assert out.loss.item() > 0 and out.loss.requires_grad
+    out.loss.backward()
+    assert all(p.grad is not None for p in adapter.parameters() if p.requires_grad)
+
+
+def test_safe_anchor_step_is_zero_for_an_untrained_adapter_and_the_prompt_as_anchor(tiny_sd15_path):
+    """The adapter starts as the identity, so anchoring a pair to its own caption costs nothing."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from psalign.adapter import PSAAdapter
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15_path, subfolder="unet").requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(tiny_sd15_path, subfolder="scheduler")
+    adapter = PSAAdapter.for_unet(unet, USER_DIM).attach(unet)
+    latents, text, anchor, users, null = _step_inputs()
+    assert safe_anchor_step_loss(unet, adapter, adapter, scheduler, latents, text, text, None, users, null).loss == 0
+    assert safe_anchor_step_loss(unet, adapter, adapter, scheduler, latents, text, anchor, None, users, null).loss > 0
+
+
+def test_dpo_safe_anchor_step_is_the_dpo_step_plus_the_weighted_anchor(tiny_sd15_path):
+    unet, scheduler, adapter = unet_with_random_adapter(tiny_sd15_path)
+    latents, text, anchor, users, null = _step_inputs()
+    torch.manual_seed(5)
+    dpo = dpo_step_loss(unet, adapter, adapter, scheduler, latents, text, None, users, null, 30.0, 2.0)
+    torch.manual_seed(5)
+    only_anchor = safe_anchor_step_loss(unet, adapter, adapter, scheduler, latents, text, anchor, None, users, null)
+    torch.manual_seed(5)  # the same noise and timesteps for all three
+    both = dpo_safe_anchor_step_loss(unet, adapter, adapter, scheduler, latents, text, anchor, None, users, null,
+                                     30.0, 2.0, 0.5)
+    assert both.loss.item() == pytest.approx(dpo.loss.item() + 0.5 * only_anchor.loss.item(), rel=1e-5)
+    assert both.metrics()["implicit_acc"] == dpo.implicit_accuracy.item()
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def sage_set(tmp_path_factory):
+    return write_sage_training_set(tmp_path_factory.mktemp("sage_pairs"))
+
+
+@pytest.mark.parametrize("objective", ["safe_anchor", "dpo_safe_anchor"])
+def test_sd15_runs_log_each_objectives_values_and_resume(objective, tiny_sd15_path, sage_set, tmp_path):
+    data, embeds = sage_set
+    # every pair in each batch: the banned unit's unsafe-caption pair, whose anchor is its safe
+    # rewrite, is always there (the other pairs' anchor is their own caption)
+    common = dict(objective=objective, max_train_steps=3, checkpointing_steps=2, train_batch_size=8,
+                  user_dropout=0.25, proportion_empty_prompts=0.25, anchor_loss_weight=2.0)
+    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "whole", **common))
+    whole = read_metrics(tmp_path / "whole")
+    names = {"safe_anchor": {"loss", "anchor_mse"}, "dpo_safe_anchor": {"loss", "dpo_loss", "anchor_mse"}}[objective]
+    assert names <= set(whole[3]) and whole[3]["anchor_mse"] > 0
+
+    # a run stopped after its step-2 checkpoint and resumed logs the same step 3
+    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "split", **{**common, "max_train_steps": 2}))
+    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "split", resume_from_checkpoint="latest", **common))
+    assert read_metrics(tmp_path / "split")[3]["loss"] == pytest.approx(whole[3]["loss"], rel=1e-6)
+
+
+def test_sdxl_cached_anchor_run_matches_the_on_the_fly_run(tiny_sdxl_path, sage_set, tmp_path):
+    data, embeds = sage_set
+    common = dict(objective="dpo_safe_anchor", max_train_steps=2, train_batch_size=4, proportion_empty_prompts=0.25)
+    train(tiny_config(tiny_sdxl_path, data, embeds, tmp_path / "direct", **common))
+    train(tiny_config(tiny_sdxl_path, data, embeds, tmp_path / "cached", precompute=True, **common))
+    direct, cached = read_metrics(tmp_path / "direct"), read_metrics(tmp_path / "cached")
+    for step in (1, 2):
+        for key in ("loss", "dpo_loss", "anchor_mse"):
+            assert cached[step][key] == pytest.approx(direct[step][key], rel=1e-5, abs=1e-7), (step, key)
+    # a cache made for the DPO objective holds no chosen captions: refused, not silently reused
+    with pytest.raises(InputError, match="chosen_caption_embeds"):
+        PSATrainer(tiny_config(tiny_sdxl_path, data, embeds, tmp_path / "other", precompute=True,
+                               cache_dir=str(tmp_path / "cached" / "cache"), max_train_steps=2))
+
+
+def test_anchor_objective_refuses_data_without_chosen_captions_before_loading(tiny_sd15_path, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    data, embeds = write_training_set(tmp_path)  # not Sage-named: nothing says which caption drew an image
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_loading)
+    with pytest.raises(InputError, match="objective: 8 of 8 pairs do not say which caption drew"):
+        PSATrainer(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "run", objective="safe_anchor"))
+
+
+def test_safetydpo_expert_trains_with_the_safe_anchor(tiny_sd15_path, sage_set, tmp_path):
+    from psalign.safetydpo.data import read_expert_pairs, write_expert_data
+
+    data, _ = sage_set
+    pairs = write_expert_data(tmp_path / "expert", "Violence", sage=data / "metadata.jsonl")
+    assert {p.chosen_caption for p in read_expert_pairs(pairs)} == {safe for _, safe in SAGE_CAPTIONS}
+    out = tmp_path / "expert"
+    train(tiny_config(tiny_sd15_path, pairs, None, out, trainable="lora", objective="safe_anchor", embeds_folder=None))
+    assert read_metrics(out)[2]["anchor_mse"] > 0 and (out / "pytorch_lora_weights.safetensors").is_file()
