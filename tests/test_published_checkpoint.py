@@ -168,3 +168,15 @@ def test_psa_method_reports_a_bad_adapter_before_loading(tmp_path):
     (tmp_path / "adapter.bin").write_bytes(b"not a torch file")
     problems = PSAMethod(tmp_path / "adapter.bin").check()
     assert len(problems) == 1 and "adapter.bin is not a weights-only torch file" in str(problems[0])
+
+
+def test_infer_reads_a_published_bins_user_dimension_before_loading(tiny_sd15_path, tmp_path):
+    """infer's pre-load check compares this dimension with the embeddings' (a mismatch is a file:line error)."""
+    from psalign.inference.run import _adapter_embed_dim
+
+    path = tmp_path / "psa_adapter.bin"
+    torch.save(published_state(load_unet(tiny_sd15_path), 1), path)
+    assert _adapter_embed_dim(path) == (USER_DIM, [])
+    (tmp_path / "broken.bin").write_bytes(b"not a torch file")
+    dim, problems = _adapter_embed_dim(tmp_path / "broken.bin")
+    assert dim is None and problems[0].field == "psa_path"

@@ -260,3 +260,9 @@ def test_base_from_reuses_a_bundles_model_and_records_and_never_overwrites(tmp_p
     assert (tmp_path / "work" / "model" / unet).read_bytes() == (BUNDLE_DIR / "model" / unet).read_bytes()
     with pytest.raises(FileExistsError, match="model exists"):
         toy_build.reuse_base_model(config, BUNDLE_DIR)
+    assert toy_build.stage_done(config, "safetydpo") is None
+    with_lora = toy_build.BuildConfig(work=tmp_path / "with_lora")
+    toy_build.reuse_base_model(with_lora, BUNDLE_DIR, safetydpo=True)
+    assert toy_build.stage_done(with_lora, "safetydpo")["reused_from"] == str(BUNDLE_DIR)
+    lora = "pytorch_lora_weights.safetensors"
+    assert (tmp_path / "with_lora" / "safetydpo" / "merged" / lora).read_bytes() == (BUNDLE_DIR / "safetydpo" / lora).read_bytes()

@@ -76,10 +76,13 @@ def tiny_config(model: Path, data: Path, embeds: Path, output_dir: Path, **overr
 SAGE_CAPTIONS = (("a man holding a rifle", "a man holding a flower"), ("a bloody street", "a quiet street"))
 
 
-def write_sage_training_set(root: Path, n_units: int = 4, size: tuple[int, int] = (20, 24)) -> tuple[Path, Path]:
+def write_sage_training_set(
+    root: Path, n_units: int = 4, size: tuple[int, int] = (20, 24), categories: tuple[str, ...] = ("Violence",)
+) -> tuple[Path, Path]:
     """Like :func:`write_training_set`, but Sage-named: each unit is a ``_s`` and a ``_u`` JPEG and two
-    records (unsafe caption, then safe), ``user_<id>_violence_<concept>_<n>.jpg_<u|s>.jpg``, ordered
-    by the Sage rule for two users, one banning Violence and one allowing it (alternating units)."""
+    records (unsafe caption, then safe), ``user_<id>_<category>_<concept>_<n>.jpg_<u|s>.jpg``, ordered
+    by the Sage rule for two users, one banning every category and one allowing them (alternating
+    units); unit n's category is ``categories[(n // 2) % len(categories)]``."""
     from psalign.sage import sage_preference, sage_record_name
 
     rng = np.random.default_rng(1)
@@ -97,7 +100,8 @@ def write_sage_training_set(root: Path, n_units: int = 4, size: tuple[int, int] 
         for caption, text in (("unsafe", unsafe), ("safe", safe)):
             chosen, rejected = sage_preference(banned, caption)
             records.append({
-                "file_name": sage_record_name(user.user_id, "Violence", "a concept", n, caption),
+                "file_name": sage_record_name(user.user_id, categories[(n // 2) % len(categories)], "a concept", n,
+                                              caption),
                 "chosen": images[chosen], "rejected": images[rejected], "caption": text,
                 "user_data": user.user_data(),
             })

@@ -120,7 +120,15 @@ def encoder_factory(config: InferenceConfig):
 
 
 def _adapter_embed_dim(psa_path: Path | None) -> tuple[int | None, list[InputProblem]]:
-    """D_user of an adapter folder, read from its small JSON config (None for published checkpoints)."""
+    """D_user of an adapter: from a folder's small JSON config, or from a published checkpoint
+    file's tensor headers (:func:`psalign.adapter.inspect_adapter`, nothing unpickled)."""
+    if psa_path and Path(psa_path).is_file():
+        from psalign.adapter import inspect_adapter
+
+        try:
+            return inspect_adapter(psa_path).user_embed_dim, []
+        except (OSError, ValueError) as error:
+            return None, [InputProblem(str(psa_path), 0, str(error), "psa_path")]
     config = Path(psa_path) / PSA_CONFIG_NAME if psa_path else None
     if config is None or not config.is_file():
         return None, []

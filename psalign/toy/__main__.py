@@ -20,9 +20,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.command == "build":
         config = config_from_args(args)
+        if args.reuse_safetydpo and args.base_from is None:
+            parser.error("--reuse_safetydpo needs --base_from")
         if args.base_from is not None:
             try:
-                build_module.reuse_base_model(config, args.base_from)
+                build_module.reuse_base_model(config, args.base_from, safetydpo=args.reuse_safetydpo)
             except (FileExistsError, FileNotFoundError) as error:
                 parser.exit(2, f"error: --base_from: {error}\n")
         records = build(config, until=args.until)

@@ -18,7 +18,8 @@ stages checkpoint, so an interrupted build resumes where it stopped:
    (:data:`~psalign.toy.sage_data.TOY_PROFILE_TEMPLATE`: the banned and allowed categories) for
    training, held-out and reference users; statistics over the training users;
 5. ``psa``: the PSA adapter, trained with ``train_psa.py``'s library entry point and
-   ``configs/toy.yaml`` (paths overridden to this build's folders);
+   ``configs/toy.yaml`` (Diffusion-DPO; paths overridden to this build's folders), then fine-tuned
+   with ``configs/toy_safe_anchor.yaml`` (the safe anchor) from that adapter;
 6. ``safetydpo``: the SafetyDPO baseline: one LoRA expert per category (``configs/toy_safetydpo.yaml``,
    ``train_safetydpo.py``'s path), merged with Co-Merge into one LoRA;
 7. ``bundle``: copy model, adapter, merged LoRA, embeddings and users into ``--out`` (default:
@@ -59,6 +60,8 @@ STAGES: tuple[str, ...] = ("vae", "base", "sage", "embeds", "psa", "safetydpo", 
 DONE_FILE = "done.json"
 #: Default PSA training config (relative to the repository root).
 DEFAULT_PSA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
+#: Default config of the PSA adapter's second stage, the safe-anchor fine-tune (None: no second stage).
+DEFAULT_PSA_FINETUNE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy_safe_anchor.yaml"
 #: Default SafetyDPO expert training config.
 DEFAULT_SAFETYDPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy_safetydpo.yaml"
 
@@ -100,6 +103,7 @@ class BuildConfig:
     profile_template: str = TOY_PROFILE_TEMPLATE
     # psa
     psa_config: Path = DEFAULT_PSA_CONFIG
+    psa_finetune_config: Path | None = DEFAULT_PSA_FINETUNE_CONFIG
     # safetydpo: one expert per category, merged with Co-Merge into a LoRA of this rank
     safetydpo_config: Path = DEFAULT_SAFETYDPO_CONFIG
     merge_rank: int = 32
@@ -444,29 +448,45 @@ PSA_OBJECTIVE = ("objective", "beta_dpo", "chosen_loss_weight", "anchor_loss_wei
                  "learning_rate", "max_train_steps", "train_batch_size")
 
 
-def psa_overrides(config: BuildConfig) -> dict:
-    """The path arguments of the PSA training run inside this build."""
+def psa_overrides(config: BuildConfig, run: str = "run") -> dict:
+    """The path arguments of a PSA training run inside this build (``psa/<run>``)."""
     work = Path(config.work)
     return {
         "pretrained_model": str(work / "model"),
         "train_data": str(stage_dir(config, "sage") / "metadata.jsonl"),
         "embeds_folder": str(stage_dir(config, "embeds") / "embeds"),
-        "output_dir": str(stage_dir(config, "psa") / "run"),
+        "output_dir": str(stage_dir(config, "psa") / run),
         "resume_from_checkpoint": "latest",
     }
 
 
+def psa_adapter_dir(config: BuildConfig) -> Path:
+    """The folder of the adapter the build bundles: the fine-tune's when there is one."""
+    return stage_dir(config, "psa") / ("finetune" if config.psa_finetune_config else "run")
+
+
 def run_psa(config: BuildConfig) -> dict:
+    """Train the adapter with ``psa_config``; then, with ``psa_finetune_config``, fine-tune it
+    (``init_adapter``: the first run's adapter) into ``psa/finetune``."""
     from psalign.training import load_training_config, read_metrics, train
 
     started = time.perf_counter()
-    training = load_training_config(config.psa_config, psa_overrides(config))
-    output = train(training)
-    metrics = read_metrics(output)
-    last = metrics[max(metrics)] if metrics else {}
-    objective = {key: getattr(training, key) for key in PSA_OBJECTIVE}
-    return _finish(config, "psa", started, {"config": str(config.psa_config), "objective": objective,
-                                            "final_metrics": last})
+    runs = [("run", config.psa_config, {})]
+    if config.psa_finetune_config:
+        runs.append(("finetune", config.psa_finetune_config, {"init_adapter": str(stage_dir(config, "psa") / "run")}))
+    results: dict = {"config": str(config.psa_config)}
+    for name, path, extra in runs:
+        output = stage_dir(config, "psa") / name
+        training = load_training_config(path, {**psa_overrides(config, name), **extra})
+        if not (output / "psa_config.json").is_file():  # a finished run is not trained again
+            train(training)
+        metrics = read_metrics(output)
+        key = "" if name == "run" else "finetune_"
+        results[f"{key}objective"] = {k: getattr(training, k) for k in PSA_OBJECTIVE}
+        results[f"{key}final_metrics"] = metrics[max(metrics)] if metrics else {}
+        if name == "finetune":
+            results["finetune_config"] = str(path)
+    return _finish(config, "psa", started, results)
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,11 +549,13 @@ RUNNERS: dict[str, Callable[[BuildConfig], dict]] = {
 }
 
 
-def reuse_base_model(config: BuildConfig, bundle: str | Path) -> None:
+def reuse_base_model(config: BuildConfig, bundle: str | Path, safetydpo: bool = False) -> None:
     """Start ``config.work`` from ``bundle``'s base model: copy its ``model/`` and record its ``vae``
-    and ``base`` stages (with ``reused_from``) as finished. Refused when the work folder already
-    has a model or a finished model stage, so a trained model is never overwritten."""
-    from .bundle import bundled_paths
+    and ``base`` stages (with ``reused_from``) as finished; with ``safetydpo`` also its merged
+    SafetyDPO LoRA and stage record (it depends only on the base model and the seeded Sage data,
+    not on the PSA objective). Refused when the work folder already has a model or a finished
+    model stage, so a trained model is never overwritten."""
+    from .bundle import SAFETYDPO_FILES, bundled_paths
 
     source = bundled_paths(bundle)
     info = json.loads(source.build_info.read_text(encoding="utf-8"))
@@ -546,7 +568,12 @@ def reuse_base_model(config: BuildConfig, bundle: str | Path) -> None:
         shutil.rmtree(partial)
     shutil.copytree(source.model, partial)
     partial.rename(work / "model")
-    for stage in ("vae", "base"):
+    if safetydpo:
+        merged = stage_dir(config, "safetydpo") / "merged"
+        merged.mkdir(parents=True, exist_ok=True)
+        for name in SAFETYDPO_FILES:
+            shutil.copy2(source.safetydpo / name, merged / name)
+    for stage in ("vae", "base", "safetydpo") if safetydpo else ("vae", "base"):
         record = {**info["stages"][stage], "reused_from": str(source.root)}
         stage_dir(config, stage).mkdir(parents=True, exist_ok=True)
         with atomic_write(stage_dir(config, stage) / DONE_FILE) as handle:
@@ -574,11 +601,16 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--out", type=Path, default=None, help="bundle folder (default: <work>/bundle)")
     parser.add_argument("--base_from", type=Path, default=None,
                         help="reuse this bundle's base model instead of training the vae and base stages")
+    parser.add_argument("--reuse_safetydpo", action="store_true",
+                        help="with --base_from: reuse the bundle's merged SafetyDPO LoRA too (skips that stage)")
     parser.add_argument("--work", type=Path, default=defaults.work, help="stage folders (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of every stage")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")
     parser.add_argument("--psa_config", type=Path, default=defaults.psa_config, help="PSA training YAML")
+    parser.add_argument("--psa_finetune_config", type=Path, default=defaults.psa_finetune_config,
+                        help="PSA fine-tune YAML, run from the first PSA run's adapter (default: %(default)s)")
+    parser.add_argument("--no_psa_finetune", action="store_true", help="bundle the first PSA run's adapter as it is")
     parser.add_argument("--safetydpo_config", type=Path, default=defaults.safetydpo_config,
                         help="SafetyDPO expert training YAML")
     parser.add_argument("--random_ban_share", type=float, default=defaults.random_ban_share,
@@ -592,5 +624,6 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(work=args.work, out=args.out, seed=args.seed, threads=args.threads, psa_config=args.psa_config,
+                       psa_finetune_config=None if args.no_psa_finetune else args.psa_finetune_config,
                        safetydpo_config=args.safetydpo_config, random_ban_share=args.random_ban_share,
                        substitution_pairs=args.substitution_pairs, profile_template=args.profile_template)

@@ -127,14 +127,14 @@ def portable_paths(training_args: dict, work: Path) -> dict:
 def write_bundle(config: "BuildConfig", stages: dict[str, dict]) -> dict:
     """Copy the build's products into ``config.out`` (written beside it, then swapped in) with
     ``build_info.json`` and ``MODEL_CARD.md``; returns the bundle's size."""
-    from .build import stage_dir
+    from .build import psa_adapter_dir, stage_dir
 
     work, out = Path(config.work), Path(config.out)
     staging = out.with_name(out.name + ".new")
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(work / "model", staging / "model")
-    run = stage_dir(config, "psa") / "run"
+    run = psa_adapter_dir(config)
     (staging / "adapter").mkdir(parents=True)
     shutil.copy2(run / PSA_WEIGHTS_NAME, staging / "adapter" / PSA_WEIGHTS_NAME)
     adapter_config = json.loads((run / PSA_CONFIG_NAME).read_text(encoding="utf-8"))
@@ -183,6 +183,13 @@ def _objective(settings: dict) -> str:
             f"{settings['train_batch_size']} pairs at lr {settings['learning_rate']:g}")
 
 
+def _finetune(record: dict) -> str:
+    """The fine-tune stage's words, when the adapter had one."""
+    if "finetune_objective" not in record:
+        return ""
+    return f"; then fine-tuned from that adapter (`{Path(record['finetune_config']).name}`) with {_objective(record['finetune_objective'])}"
+
+
 _SUBSTITUTION = (" and one more per banned (category, seen concept) whose rejected image shows another category's"
                  " marker (substitution pairs, our addition to Sage)")
 
@@ -195,7 +202,7 @@ def model_card(info: dict) -> str:
     sage = stages["sage"]
     times = ", ".join(f"{stage} {record['seconds']:g} s ({record.get('threads', '?')} thread(s))"
                       for stage, record in stages.items())
-    psa = stages["psa"].get("final_metrics", {})
+    psa = stages["psa"].get("finetune_final_metrics") or stages["psa"].get("final_metrics", {})
     safetydpo = stages["safetydpo"]
     return f"""# psalign toy model
 
@@ -227,7 +234,7 @@ corner) is drawn. 3 concept phrases per category; the third is held out of the P
   told apart), one unit per (category, seen concept) each{_SUBSTITUTION if config.get('substitution_pairs') else ''},
   {sage['records']} records; images drawn by the base model itself
   ({sage['pool_units_kept']} of {sage['pool_units']} image pairs kept by the detector). Objective:
-  {_objective(stages["psa"].get("objective", {}))}. Last logged training metrics: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in psa.items()})}.
+  {_objective(stages["psa"].get("objective", {}))}{_finetune(stages["psa"])}. Last logged training metrics: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in psa.items()})}.
 - `safetydpo/`: the SafetyDPO baseline: one LoRA expert per category (rank from
   `{Path(config['safetydpo_config']).name}`), each trained with Diffusion-DPO to prefer the safe image of every toy Sage pair
   of its category whatever the user, then merged with Co-Merge and re-factored by SVD to rank

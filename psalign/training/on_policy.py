@@ -2,7 +2,7 @@ r"""On-policy negatives: rounds in which the current PSA adapter draws the train
 prompts, an InPro classifier judges the samples, and every flagged sample becomes a rejected image.
 
     python -m psalign.training.on_policy --config configs/toy.yaml --work_dir runs/on_policy \
-        --start_adapter runs/psa --rounds 3 --steps_per_round 500 --classifiers toy_unclean
+        --start_adapter runs/psa --rounds 3 --steps_per_round 500 --inpro_classifiers toy_unclean
 
 Round ``k`` works in ``<work_dir>/round-<k>/``:
 
@@ -11,7 +11,7 @@ Round ``k`` works in ``<work_dir>/round-<k>/``:
    start adapter; round k: the one round k-1 trained) draws the unsafe caption of each of the
    user's units of a banned category, through infer.py's generation code: one image per prompt,
    its seed derived from the run seed and its file name, resumable through the generation log;
-2. **judge**: the classifiers, by name as evaluate.py's ``--inpro_classifiers`` (combined with
+2. **judge**: the classifiers, named as evaluate.py's ``--inpro_classifiers`` (combined with
    OR), flag the samples: ``toy_unclean`` flags everything that is not a clean removal in the toy
    world, ``q16``/``nudenet`` judge real images;
 3. **negatives** (``negatives/``, ``negatives.jsonl``): each flagged sample becomes a Sage record
@@ -46,10 +46,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from psalign.adapter import inspect_adapter
 from psalign.categories import CATEGORIES
-from psalign.io import InputError, InputProblem, atomic_path, atomic_write, weights_sha256
+from psalign.io import InputError, InputProblem, atomic_path, atomic_write, read_json_lines, weights_sha256
 from psalign.metrics.inpro import INPRO_FLAGGERS, ImageFlagger
-from psalign.sage import image_variant, parse_sage_record_name, read_preference_pairs, sage_record_name, sage_stem
+from psalign.sage import (
+    parse_sage_record_name,
+    read_preference_pairs,
+    sage_record_name,
+    sage_stem,
+    write_preference_pairs,
+)
 
 from .config import COMMAND_LINE, TrainingConfig, add_training_arguments, load_training_config
 
@@ -89,12 +96,12 @@ class OnPolicyConfig:
     steps_per_round: int = 500
     users_per_round: int = 16
     prompts_per_user: int | None = None  # None: every banned unit of the user
-    seed: int = 0
+    sample_seed: int = 0
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     sample_batch_size: int = 8
     device: str | None = None  # default: cuda when available
-    classifiers: Sequence[str] = INPRO_FLAGGERS
+    inpro_classifiers: Sequence[str] = INPRO_FLAGGERS
     q16_clip_model: str | None = None  # None: evaluate.py's default
     q16_prompts: str | None = None
     q16_threshold: float | None = None
@@ -103,9 +110,9 @@ class OnPolicyConfig:
     """Classifiers by name beside evaluate.py's (the toy world's are always there)."""
 
     def settings(self) -> dict:
-        """What makes the rounds' results: every field but ``rounds``, ``device``, ``sample_batch_size``
-        (images do not depend on the batch) and the classifier factories."""
-        skipped = {"rounds", "device", "sample_batch_size", "extra_flaggers"}
+        """What makes the rounds' results: every field but ``work_dir``, ``rounds``, ``device``,
+        ``sample_batch_size`` (images do not depend on the batch) and the classifier factories."""
+        skipped = {"work_dir", "rounds", "device", "sample_batch_size", "extra_flaggers"}
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in skipped}
 
 
@@ -161,15 +168,14 @@ def banned_units(records: Sequence[dict], image_root: Path, source: str) -> dict
     for record in records:
         try:
             name = parse_sage_record_name(record["file_name"])
-            chosen_variant = image_variant(record["chosen"])
-            rejected_variant = image_variant(record["rejected"])
         except ValueError:
             continue
         if name.index >= NEGATIVE_INDEX_BASE:
             problems.append(InputProblem(source, 0, f"record {record['file_name']} has index {name.index}, in the "
                                                     f"range of on-policy negatives (>= {NEGATIVE_INDEX_BASE})",
                                          "file_name"))
-        if name.variant != "u" or (chosen_variant, rejected_variant) != ("s", "u"):
+        banned = record["chosen"].endswith("_s.jpg") and record["rejected"].endswith("_u.jpg")  # sage_preference
+        if name.variant != "u" or not banned:
             continue
         units.setdefault(name.user_id, []).append(BannedUnit(
             name.user_id, record["user_data"], name.category, name.concept, record["caption"],
@@ -184,7 +190,7 @@ def round_prompts(units: dict[str, list[BannedUnit]], round_index: int, users_pe
                   prompts_per_user: int | None, seed: int) -> list[NegativePrompt]:
     """Round ``round_index``'s prompts: ``users_per_round`` users drawn without replacement (seeded by
     ``seed`` and the round), each with ``prompts_per_user`` of its banned units drawn alike (all by
-    default); users and units in metadata order. Indices: :class:`NegativePrompt`."""
+    default); users in User_ID order, each user's units in metadata order. Indices: :class:`NegativePrompt`."""
     rng = np.random.default_rng([seed, round_index])
     user_ids = sorted(units)
     chosen = sorted(rng.choice(len(user_ids), size=min(users_per_round, len(user_ids)), replace=False))
@@ -212,14 +218,12 @@ def _rebased(record: dict, old_root: Path, new_root: Path) -> dict:
     return {**record, **{key: _relative(old_root / record[key], new_root) for key in ("chosen", "rejected")}}
 
 
-def _write_json_lines(path: Path, records: Sequence[dict]) -> None:
-    with atomic_write(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def _read_json_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _round_negatives(round_dir: Path) -> list[dict]:
+    """The negative records a round wrote (image paths relative to ``round_dir``)."""
+    found = read_json_lines(round_dir / NEGATIVES_FILE)
+    if found.problems:
+        raise InputError(found.problems, header=f"{len(found.problems)} problem(s) in {round_dir / NEGATIVES_FILE}")
+    return [record for _, record in found.entries]
 
 
 def _round_training_config(config: OnPolicyConfig, round_index: int, train_data: str | Path,
@@ -247,7 +251,7 @@ def _evaluation_config(config: OnPolicyConfig, device: str):
                                              ("q16_threshold", config.q16_threshold),
                                              ("nudenet_min_score", config.nudenet_min_score)) if value is not None}
     return EvaluationConfig(metrics=("inpro",), target_folders=(), output=Path(os.devnull), device=device,
-                            inpro_classifiers=list(config.classifiers),
+                            inpro_classifiers=list(config.inpro_classifiers),
                             extra_flaggers={**inpro_flaggers(), **config.extra_flaggers}, **options)
 
 
@@ -267,19 +271,23 @@ def _settings_problems(config: OnPolicyConfig) -> list[InputProblem]:
     if config.prompts_per_user is not None and not 1 <= config.prompts_per_user <= ROUND_INDEX_STRIDE:
         problems.append(InputProblem(COMMAND_LINE, 0, f"must lie in [1, {ROUND_INDEX_STRIDE}], got "
                                                       f"{config.prompts_per_user}", "--prompts_per_user"))
-    if not config.classifiers:
-        problems.append(InputProblem(COMMAND_LINE, 0, "name at least one classifier", "--classifiers"))
+    if not config.inpro_classifiers:
+        problems.append(InputProblem(COMMAND_LINE, 0, "name at least one classifier", "--inpro_classifiers"))
     for name in ROUND_FIELDS:
         if name in config.training_overrides:
             problems.append(InputProblem(COMMAND_LINE, 0, "set by every round itself (see --steps_per_round)",
                                          f"--{name}"))
+    try:
+        inspect_adapter(config.start_adapter)
+    except (OSError, ValueError) as error:
+        problems.append(InputProblem(COMMAND_LINE, 0, str(error), "--start_adapter"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         problems.append(InputProblem("accelerate launch", 0, "on-policy rounds run in one process; start them "
                                                              "with python, not with several processes"))
     settings_file = Path(config.work_dir) / SETTINGS_FILE
     if settings_file.is_file():
-        earlier = json.loads(settings_file.read_text(encoding="utf-8"))
-        changed = sorted(key for key in {*earlier, *config.settings()} if earlier.get(key) != config.settings().get(key))
+        earlier, now = json.loads(settings_file.read_text(encoding="utf-8")), config.settings()
+        changed = sorted(key for key in {*earlier, *now} if earlier.get(key) != now.get(key))
         if changed:
             problems.append(InputProblem(str(settings_file), 0, f"this work folder was started with other settings "
                                                                 f"({', '.join(changed)}); use those, or another "
@@ -288,18 +296,17 @@ def _settings_problems(config: OnPolicyConfig) -> list[InputProblem]:
 
 
 @dataclass
-class _Run:
+class OnPolicyInputs:
     """What :func:`check_on_policy` verified, for the rounds to use."""
 
-    base: TrainingConfig
-    metadata: Path
-    image_root: Path
+    base: TrainingConfig  # the training config of round 0 (model, original data, embeddings)
+    image_root: Path  # of the original metadata.jsonl
     records: list[dict]
     units: dict[str, list[BannedUnit]]
     device: str
 
 
-def check_on_policy(config: OnPolicyConfig) -> _Run:
+def check_on_policy(config: OnPolicyConfig) -> OnPolicyInputs:
     """Check every input before any model is loaded: the settings, the training config (data,
     embeddings, model and the start adapter as round 0's ``init_adapter``, as train_psa.py checks
     them), the classifiers and the Sage units; every problem at once as :class:`InputError`."""
@@ -313,7 +320,8 @@ def check_on_policy(config: OnPolicyConfig) -> _Run:
     problems = _settings_problems(config)
     if problems:
         raise InputError(problems, header=f"{len(problems)} problem(s) with the on-policy settings")
-    base = load_training_config(config.training_config, config.training_overrides)
+    base = load_training_config(config.training_config, {**config.training_overrides,
+                                                         "output_dir": str(_round_dir(config, 0) / TRAIN_DIR)})
     if base.trainable != "adapter":
         raise InputError([InputProblem(COMMAND_LINE, 0, "on-policy rounds train the PSA adapter", "trainable")])
     first = _round_training_config(config, 0, base.train_data, config.start_adapter)
@@ -332,10 +340,11 @@ def check_on_policy(config: OnPolicyConfig) -> _Run:
                                                       "units; set at most that many", "--prompts_per_user"))
     if problems:
         raise InputError(problems, header=f"{len(problems)} problem(s) with the on-policy inputs")
-    return _Run(base, metadata, image_root, records, units, device)
+    return OnPolicyInputs(base, image_root, records, units, device)
 
 
-def _sample(run: _Run, config: OnPolicyConfig, adapter: Path, prompts: Sequence[NegativePrompt], folder: Path) -> None:
+def _sample(run: OnPolicyInputs, config: OnPolicyConfig, adapter: Path, prompts: Sequence[NegativePrompt],
+            folder: Path) -> None:
     """Draw every missing sample of ``prompts`` into ``folder`` with the PSA adapter ``adapter``."""
     import torch
 
@@ -351,7 +360,7 @@ def _sample(run: _Run, config: OnPolicyConfig, adapter: Path, prompts: Sequence[
     pipe.set_progress_bar_config(disable=True)
     method = get_method("psa")(adapter, 1.0, run.base.embeds_folder, None, save_new_embeddings=False)
     pipe = method.prepare(pipe, records, run.device)
-    settings = GenerationSettings(seed=config.seed, num_inference_steps=config.num_inference_steps,
+    settings = GenerationSettings(seed=config.sample_seed, num_inference_steps=config.num_inference_steps,
                                   guidance_scale=config.guidance_scale)
     generate_images(pipe, records, folder, settings, method=method, batch_size=config.sample_batch_size)
 
@@ -364,10 +373,12 @@ def _negatives(prompts: Sequence[NegativePrompt], flagged: np.ndarray, round_dir
     records = []
     for prompt in (p for p, hit in zip(prompts, flagged) if hit):
         target = round_dir / NEGATIVES_DIR / prompt.negative_name
-        with Image.open(round_dir / SAMPLES_DIR / prompt.sample_name) as sample, Image.open(prompt.unit.safe_image) as safe:
+        with Image.open(prompt.unit.safe_image) as safe:
+            size = safe.size
+        with Image.open(round_dir / SAMPLES_DIR / prompt.sample_name) as sample:
             image = sample.convert("RGB")
-            if image.size != safe.size:  # a pair's two images must share one size
-                image = image.resize(safe.size, Image.Resampling.BILINEAR)
+        if image.size != size:  # a pair's two images must share one size
+            image = image.resize(size, Image.Resampling.BILINEAR)
         with atomic_path(target, suffix=".jpg") as tmp:
             image.save(tmp, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
         unit = prompt.unit
@@ -383,8 +394,8 @@ def _negatives(prompts: Sequence[NegativePrompt], flagged: np.ndarray, round_dir
 
 def _per_category(categories: Sequence[str], sampled: Sequence[str]) -> dict[str, int]:
     """Counts of ``categories`` for every category in ``sampled``, in :data:`CATEGORIES` order."""
-    counts = Counter(categories)
-    return {c: counts[c] for c in CATEGORIES if c in set(sampled)}
+    counts, present = Counter(categories), set(sampled)
+    return {c: counts[c] for c in CATEGORIES if c in present}
 
 
 def run_on_policy(config: OnPolicyConfig, log: Callable[[str], None] = print) -> list[Path]:
@@ -408,25 +419,26 @@ def run_on_policy(config: OnPolicyConfig, log: Callable[[str], None] = print) ->
             adapter = trained
             adapters.append(trained)
             continue
-        prompts = round_prompts(run.units, k, config.users_per_round, config.prompts_per_user, config.seed)
+        prompts = round_prompts(run.units, k, config.users_per_round, config.prompts_per_user, config.sample_seed)
         log(f"round {k}: {len(prompts)} samples of {len({p.unit.user_id for p in prompts})} users with {adapter}")
-        started = time.perf_counter()
-        _sample(run, config, adapter, prompts, round_dir / SAMPLES_DIR)
-        sampled = time.perf_counter()
-        if not (round_dir / NEGATIVES_FILE).is_file():
+        started = sampled = judged = time.perf_counter()
+        if not (round_dir / NEGATIVES_FILE).is_file():  # else judged by an interrupted call
+            _sample(run, config, adapter, prompts, round_dir / SAMPLES_DIR)
+            sampled = time.perf_counter()
             flaggers = flaggers or build_inpro_flaggers(_evaluation_config(config, run.device))
             paths = [round_dir / SAMPLES_DIR / p.sample_name for p in prompts]
             flagged = flag_images(paths, flaggers, config.sample_batch_size, desc=f"judging round {k}").union()
-            _write_json_lines(round_dir / NEGATIVES_FILE, _negatives(prompts, flagged, round_dir))
-        judged = time.perf_counter()
-        negatives = _read_json_lines(round_dir / NEGATIVES_FILE)
+            write_preference_pairs(round_dir / NEGATIVES_FILE, _negatives(prompts, flagged, round_dir))
+            judged = time.perf_counter()
+        negatives = _round_negatives(round_dir)
         metadata = [_rebased(r, run.image_root, round_dir) for r in run.records]
         for j in range(k + 1):
             metadata += [_rebased(r, _round_dir(config, j), round_dir)
-                         for r in _read_json_lines(_round_dir(config, j) / NEGATIVES_FILE)]
-        _write_json_lines(round_dir / METADATA_FILE, metadata)
+                         for r in _round_negatives(_round_dir(config, j))]
+        write_preference_pairs(round_dir / METADATA_FILE, metadata)
         log(f"round {k}: {len(negatives)} of {len(prompts)} samples flagged; training {config.steps_per_round} steps "
             f"on {len(metadata)} records")
+        training_started = time.perf_counter()
         train(_round_training_config(config, k, round_dir / METADATA_FILE, adapter))
         trained_at = time.perf_counter()
         sample_categories = [p.unit.category for p in prompts]
@@ -438,13 +450,13 @@ def run_on_policy(config: OnPolicyConfig, log: Callable[[str], None] = print) ->
             "samples": _per_category(sample_categories, sample_categories),
             "flagged": _per_category([parse_sage_record_name(r["file_name"]).category for r in negatives],
                                      sample_categories),
-            "classifiers": list(config.classifiers),
+            "classifiers": list(config.inpro_classifiers),
             "negatives_so_far": len(metadata) - len(run.records),
             "steps": config.steps_per_round,
             "trained_adapter": str(trained),
             # of the call that finished the round (a resumed stage counts only what was left of it)
             "seconds": {"sample": round(sampled - started, 3), "judge": round(judged - sampled, 3),
-                        "train": round(trained_at - judged, 3)},
+                        "train": round(trained_at - training_started, 3)},
         }
         with atomic_write(round_dir / ROUND_FILE) as handle:
             json.dump(summary, handle, indent=2)
@@ -470,14 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training users drawn each round, among those with a banned unit (default: 16)")
     rounds.add_argument("--prompts_per_user", type=int, default=None,
                         help="banned units drawn per user and round (default: all of them)")
-    rounds.add_argument("--sample_seed", type=int, default=0, dest="seed",
+    rounds.add_argument("--sample_seed", type=int, default=0,
                         help="seed of the user and unit draws and of the per-image sampling seeds (default: 0)")
     rounds.add_argument("--num_inference_steps", type=int, default=30, help="denoising steps (default: 30)")
     rounds.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
     rounds.add_argument("--sample_batch_size", type=int, default=8, help="images per pipeline call (default: 8)")
     rounds.add_argument("--device", default=None, help="sampling device (default: cuda when available)")
     judge = parser.add_argument_group("classifiers (as evaluate.py's InPro classifiers)")
-    judge.add_argument("--classifiers", default=",".join(INPRO_FLAGGERS),
+    judge.add_argument("--inpro_classifiers", default=",".join(INPRO_FLAGGERS),
                        help="comma-separated, combined with OR: q16, nudenet, toy (a drawn marker), toy_unclean "
                             f"(anything but a clean removal) (default: {','.join(INPRO_FLAGGERS)})")
     judge.add_argument("--q16_clip_model", default=None, help="CLIP ViT-L/14 of Q16 (default: evaluate.py's)")
@@ -497,7 +509,7 @@ def config_from_args(args: argparse.Namespace) -> OnPolicyConfig:
     training_fields = {f.name for f in dataclasses.fields(TrainingConfig)}
     own = {f.name for f in dataclasses.fields(OnPolicyConfig)}
     values = {k: v for k, v in vars(args).items() if k in own}
-    values["classifiers"] = [name.strip() for name in args.classifiers.split(",") if name.strip()]
+    values["inpro_classifiers"] = [name.strip() for name in args.inpro_classifiers.split(",") if name.strip()]
     return OnPolicyConfig(training_config=args.config,
                           training_overrides={k: v for k, v in vars(args).items() if k in training_fields}, **values)
 
