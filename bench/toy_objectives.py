@@ -10,8 +10,8 @@ skipped when its adapter exists, resumed when it has checkpoints):
 * ``dpo``: ``configs/toy.yaml`` as it is (Diffusion-DPO, beta 30, chosen-error weight 6; the control);
 * ``safe_anchor``: the same run with ``objective: safe_anchor``;
 * ``dpo_safe_anchor``: the same run with ``objective: dpo_safe_anchor`` and ``anchor_loss_weight`` 30;
-* ``dpo+safe_anchor``: ``--finetune_steps`` more steps with ``objective: safe_anchor`` (lr
-  ``--finetune_lr``), starting from the ``dpo`` variant's adapter (or ``--dpo_adapter``).
+* ``dpo+safe_anchor`` / ``dpo+dpo_safe_anchor``: ``--finetune_steps`` more steps with that
+  objective (lr ``--finetune_lr``), starting from the ``dpo`` variant's adapter (or ``--dpo_adapter``).
 
 ``--steps`` sets every from-scratch variant's ``max_train_steps`` (default: the config's).
 Images go under ``--out/<variant>/bench``; the table gives, per variant, the strict pass rates,
@@ -30,7 +30,7 @@ from psalign.toy.benchmark import BenchmarkSpec, run_benchmark, target_checks
 from psalign.toy.build import DEFAULT_PSA_CONFIG
 from psalign.toy.bundle import bundled_paths
 
-VARIANTS = ("dpo", "safe_anchor", "dpo_safe_anchor", "dpo+safe_anchor")
+VARIANTS = ("dpo", "safe_anchor", "dpo_safe_anchor", "dpo+safe_anchor", "dpo+dpo_safe_anchor")
 
 
 def _overrides(args: argparse.Namespace, variant: str, out: Path) -> dict:
@@ -45,14 +45,12 @@ def _overrides(args: argparse.Namespace, variant: str, out: Path) -> dict:
     }
     if args.steps:
         values["max_train_steps"] = args.steps
-    if variant in ("safe_anchor", "dpo_safe_anchor"):
-        values["objective"] = variant
-    if variant == "dpo_safe_anchor":
-        values["anchor_loss_weight"] = args.anchor_loss_weight
-    if variant == "dpo+safe_anchor":
+    objective = variant.removeprefix("dpo+")
+    if objective != "dpo":
+        values.update(objective=objective, anchor_loss_weight=args.anchor_loss_weight)
+    if variant.startswith("dpo+"):
         dpo = args.dpo_adapter or args.out / "dpo" / "run"
-        values.update(objective="safe_anchor", init_adapter=str(dpo), max_train_steps=args.finetune_steps,
-                      learning_rate=args.finetune_lr)
+        values.update(init_adapter=str(dpo), max_train_steps=args.finetune_steps, learning_rate=args.finetune_lr)
     return values
 
 
@@ -73,7 +71,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from %(default)s")
     parser.add_argument("--config", type=Path, default=DEFAULT_PSA_CONFIG, help="training YAML (default: configs/toy.yaml)")
     parser.add_argument("--steps", type=int, default=None, help="max_train_steps of the from-scratch variants")
-    parser.add_argument("--anchor_loss_weight", type=float, default=30.0, help="anchor weight of dpo_safe_anchor")
+    parser.add_argument("--anchor_loss_weight", type=float, default=30.0, help="anchor weight of the dpo_safe_anchor variants")
     parser.add_argument("--finetune_steps", type=int, default=2000, help="steps of the dpo+safe_anchor fine-tune")
     parser.add_argument("--finetune_lr", type=float, default=5e-4, help="learning rate of the fine-tune")
     parser.add_argument("--dpo_adapter", type=Path, default=None,

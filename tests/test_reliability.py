@@ -357,22 +357,26 @@ def test_a_torn_last_log_line_is_ignored_with_a_notice_and_cut_off_on_the_next_a
     assert _images(out) == {"img_0.png", "img_1.png"} == _logged(out) and not part.exists()
 
 
+def interrupt_second_call(module: str, function: str) -> str:
+    """A script prelude: ``module.function`` raises KeyboardInterrupt on its second call (as Ctrl-C would)."""
+    return f"""
+import {module} as target
+original, calls = target.{function}, []
+def call_then_interrupt(*args):
+    calls.append(1)
+    if len(calls) == 2:
+        raise KeyboardInterrupt
+    original(*args)
+target.{function} = call_then_interrupt
+"""
+
+
 @pytest.mark.slow
 def test_an_interrupt_between_image_writes_and_the_log_leaves_no_unlogged_image(tmp_path):
     prompts = write_lines(tmp_path / "p.jsonl", TOY_PROMPTS)
     out = tmp_path / "out"
     common = infer_args(prompts, out, "--batch_size", "2", "--height", "24", "--num_inference_steps", "2")
-    interrupt_second_log_append = """
-import psalign.inference.generate as generate
-original, calls = generate._append_log, []
-def append_then_interrupt(*args):
-    calls.append(1)
-    if len(calls) == 2:
-        raise KeyboardInterrupt
-    original(*args)
-generate._append_log = append_then_interrupt
-"""
-    run = run_script("infer.py", *common, prelude=interrupt_second_log_append)
+    run = run_script("infer.py", *common, prelude=interrupt_second_call("psalign.inference.generate", "_append_log"))
     assert run.returncode == 130 and "Traceback" not in run.output, run.output
     assert [row for row in run.output.splitlines() if row.startswith("interrupted:")]
     assert _images(out) == {"img_0.png", "img_1.png"} == _logged(out)  # the second batch: neither image nor line
@@ -478,17 +482,7 @@ def test_evaluate_ctrl_c_ends_with_one_line_and_keeps_the_finished_rows(tmp_path
     output = tmp_path / "results.csv"
     argv = ["--metrics", "inpro", "--inpro_classifiers", "toy", "--device", "cpu", "--output", output,
             "--target_folder", *folders]
-    interrupt_second_folder = """
-import psalign.metrics.evaluation as evaluation
-original, calls = evaluation.append_results, []
-def append_then_interrupt(*args):
-    calls.append(1)
-    if len(calls) == 2:
-        raise KeyboardInterrupt
-    original(*args)
-evaluation.append_results = append_then_interrupt
-"""
-    run = run_script("evaluate.py", *argv, prelude=interrupt_second_folder)
+    run = run_script("evaluate.py", *argv, prelude=interrupt_second_call("psalign.metrics.evaluation", "append_results"))
     assert run.returncode == 130 and "Traceback" not in run.output, run.output
     assert len([row for row in run.output.splitlines() if row.startswith("interrupted:")]) == 1
     assert {row.split(",")[1] for row in output.read_text().splitlines()[1:]} == {"first"}

@@ -27,25 +27,13 @@ from psalign.io import InputError
 from psalign.training import PSATrainer, checkpoints, read_metrics, train
 from psalign.training.trainer import NonFiniteWeightsError, check_inputs
 
+from .test_training import fresh_accelerate_state  # noqa: F401 (autouse fixture)
 from .training_support import USER_DIM, tiny_config, write_training_set
 
 REPO = Path(__file__).resolve().parents[1]
 LOADING = "loading the models from"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """In-process runs: one torch thread, and a fresh Accelerate state per test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

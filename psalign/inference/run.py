@@ -25,7 +25,6 @@ from .generate import (
     generation_log_fields,
     merge_generation_logs,
     shard,
-    user_embeddings,
     write_grids,
 )
 from .pipeline import MAX_IMAGE_SIDE, PIPELINE_SIZE_MULTIPLE, ModelGeometry, model_geometry, model_problems

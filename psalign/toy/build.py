@@ -18,8 +18,9 @@ stages checkpoint, so an interrupted build resumes where it stopped:
    (:data:`~psalign.toy.sage_data.TOY_PROFILE_TEMPLATE`: the banned and allowed categories) for
    training, held-out and reference users; statistics over the training users;
 5. ``psa``: the PSA adapter, trained with ``train_psa.py``'s library entry point and
-   ``configs/toy.yaml`` (Diffusion-DPO; paths overridden to this build's folders), then fine-tuned
-   with ``configs/toy_safe_anchor.yaml`` (the safe anchor) from that adapter;
+   ``configs/toy.yaml`` (Diffusion-DPO; paths overridden to this build's folders); with
+   ``--psa_finetune_config`` (e.g. ``configs/toy_safe_anchor.yaml``) then fine-tuned from that
+   adapter into ``psa/finetune``, which is the one bundled;
 6. ``safetydpo``: the SafetyDPO baseline: one LoRA expert per category (``configs/toy_safetydpo.yaml``,
    ``train_safetydpo.py``'s path), merged with Co-Merge into one LoRA;
 7. ``bundle``: copy model, adapter, merged LoRA, embeddings and users into ``--out`` (default:
@@ -60,8 +61,8 @@ STAGES: tuple[str, ...] = ("vae", "base", "sage", "embeds", "psa", "safetydpo", 
 DONE_FILE = "done.json"
 #: Default PSA training config (relative to the repository root).
 DEFAULT_PSA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
-#: Default config of the PSA adapter's second stage, the safe-anchor fine-tune (None: no second stage).
-DEFAULT_PSA_FINETUNE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy_safe_anchor.yaml"
+#: The safe-anchor fine-tune config, for ``--psa_finetune_config`` (the bundled adapter has no second stage).
+SAFE_ANCHOR_FINETUNE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy_safe_anchor.yaml"
 #: Default SafetyDPO expert training config.
 DEFAULT_SAFETYDPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy_safetydpo.yaml"
 
@@ -103,7 +104,8 @@ class BuildConfig:
     profile_template: str = TOY_PROFILE_TEMPLATE
     # psa
     psa_config: Path = DEFAULT_PSA_CONFIG
-    psa_finetune_config: Path | None = DEFAULT_PSA_FINETUNE_CONFIG
+    #: A second PSA run from the first one's adapter (e.g. :data:`SAFE_ANCHOR_FINETUNE_CONFIG`); None: none.
+    psa_finetune_config: Path | None = None
     # safetydpo: one expert per category, merged with Co-Merge into a LoRA of this rank
     safetydpo_config: Path = DEFAULT_SAFETYDPO_CONFIG
     merge_rank: int = 32
@@ -608,9 +610,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")
     parser.add_argument("--psa_config", type=Path, default=defaults.psa_config, help="PSA training YAML")
-    parser.add_argument("--psa_finetune_config", type=Path, default=defaults.psa_finetune_config,
-                        help="PSA fine-tune YAML, run from the first PSA run's adapter (default: %(default)s)")
-    parser.add_argument("--no_psa_finetune", action="store_true", help="bundle the first PSA run's adapter as it is")
+    parser.add_argument("--psa_finetune_config", type=Path, default=None,
+                        help="a second PSA training YAML run from the first run's adapter, whose result is bundled "
+                             "(e.g. configs/toy_safe_anchor.yaml; default: none)")
     parser.add_argument("--safetydpo_config", type=Path, default=defaults.safetydpo_config,
                         help="SafetyDPO expert training YAML")
     parser.add_argument("--random_ban_share", type=float, default=defaults.random_ban_share,
@@ -624,6 +626,6 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(work=args.work, out=args.out, seed=args.seed, threads=args.threads, psa_config=args.psa_config,
-                       psa_finetune_config=None if args.no_psa_finetune else args.psa_finetune_config,
+                       psa_finetune_config=args.psa_finetune_config,
                        safetydpo_config=args.safetydpo_config, random_ban_share=args.random_ban_share,
                        substitution_pairs=args.substitution_pairs, profile_template=args.profile_template)

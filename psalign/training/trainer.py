@@ -49,7 +49,6 @@ from .conditioning import (
     TextConditioning,
     resolve_model_type,
     sdxl_time_ids,
-    unet_conditioning,
     vae_latents,
 )
 from .config import TrainingConfig
