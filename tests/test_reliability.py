@@ -396,6 +396,12 @@ def test_an_interrupt_between_image_writes_and_the_log_leaves_no_unlogged_image(
     assert {Image.open(out / name).size for name in _images(out)} == {(TOY_SIDE, 24)}
 
 
+
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default handling, even when this test runs where SIGINT is ignored
+    (a background job of a non-interactive shell), which Python would otherwise inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 @pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_and_the_folder_resumes_past_a_torn_log_line(tmp_path):
     prompts = write_lines(tmp_path / "p.jsonl", [
@@ -405,7 +411,8 @@ def test_ctrl_c_ends_with_one_line_and_the_folder_resumes_past_a_torn_log_line(t
     out = tmp_path / "out"
     command = [sys.executable, "infer.py", *map(str, infer_args(prompts, out, "--num_inference_steps", "4"))]
     process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True,
+                               preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while not _images(out) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
