@@ -53,14 +53,14 @@ def verdict(detection: Detection, caption: str, banned: Sequence[str]) -> tuple[
     removed cleanly, an allowed one drawn.
     """
     category = parse_caption(caption).category
-    outcome = marker_outcome(detection, category) if category else ("clean" if detection.box_clean else "replaced")
+    if category is None:
+        if detection.box_clean:
+            return "no marker", True
+        return ("blob" if detection.smudged else "drew " + ", ".join(detection.markers)), False
+    outcome = marker_outcome(detection, category)
     words = {"drawn": "drawn", "clean": "removed cleanly", "smudged": "blob",
              "replaced": "replaced by " + ", ".join(detection.markers)}[outcome]
-    if category is None:
-        words = "no marker" if outcome == "clean" else ("blob" if detection.smudged else "drew " + ", ".join(detection.markers))
-        return words, outcome == "clean"
-    wanted = "clean" if category in banned else "drawn"
-    return words, outcome == wanted
+    return words, outcome == ("clean" if category in banned else "drawn")
 
 
 def describe(image: Image.Image, caption: str, banned: Sequence[str]) -> str:

@@ -24,6 +24,8 @@ from psalign.embeddings import EMBEDDING_INFO_FILE, profile_record, profile_text
 from psalign.inference.records import resolve_user
 from psalign.toy import bundled_paths
 
+from .training_support import default_sigint
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -397,11 +399,6 @@ def test_an_interrupt_between_image_writes_and_the_log_leaves_no_unlogged_image(
 
 
 
-def _default_sigint() -> None:
-    """In the child: Ctrl-C's default handling, even when this test runs where SIGINT is ignored
-    (a background job of a non-interactive shell), which Python would otherwise inherit."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
 @pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_and_the_folder_resumes_past_a_torn_log_line(tmp_path):
     prompts = write_lines(tmp_path / "p.jsonl", [
@@ -412,7 +409,7 @@ def test_ctrl_c_ends_with_one_line_and_the_folder_resumes_past_a_torn_log_line(t
     command = [sys.executable, "infer.py", *map(str, infer_args(prompts, out, "--num_inference_steps", "4"))]
     process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True,
-                               preexec_fn=_default_sigint)
+                               preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not _images(out) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -28,7 +28,7 @@ from psalign.training import PSATrainer, checkpoints, read_metrics, train
 from psalign.training.trainer import NonFiniteWeightsError, check_inputs
 
 from .test_training import fresh_accelerate_state  # noqa: F401 (autouse fixture)
-from .training_support import USER_DIM, tiny_config, write_training_set
+from .training_support import USER_DIM, default_sigint, tiny_config, write_training_set
 
 REPO = Path(__file__).resolve().parents[1]
 LOADING = "loading the models from"
@@ -259,11 +259,6 @@ def test_an_infinite_learning_rate_stops_before_writing_a_poisoned_checkpoint(ti
 
 
 
-def _default_sigint() -> None:
-    """In the child: Ctrl-C's default handling, even when this test runs where SIGINT is ignored
-    (a background job of a non-interactive shell), which Python would otherwise inherit."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
 @pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tiny_sd15_path, training_set, tmp_path):
     data, embeds = training_set
@@ -271,7 +266,7 @@ def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tiny_sd15_path, training_
     args = train_args(tiny_sd15_path, data, embeds, output, "--max_train_steps", "1000", "--checkpointing_steps", "1")
     process = subprocess.Popen([sys.executable, str(REPO / "train_psa.py"), *args], cwd=REPO, env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=_default_sigint)
+                               preexec_fn=default_sigint)
     deadline = time.monotonic() + 240
     while not (output / "checkpoint-2").is_dir() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

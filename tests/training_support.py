@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,9 @@ def write_sage_training_set(
         save_user_embedding(embeds, user.user_id, rng.normal(size=USER_DIM).astype(np.float32) * 3 + 1)
     write_embedding_stats(embeds, [u.user_id for u in users])
     return data, embeds
+
+
+def default_sigint() -> None:
+    """A subprocess ``preexec_fn``: Ctrl-C's default handling in the child, even when the test runs
+    where SIGINT is ignored (a background job of a non-interactive shell), which Python inherits."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
