@@ -1,52 +1,10 @@
-r"""Train one SafetyDPO safety expert: a LoRA on the UNet attention projections, trained with
-Diffusion-DPO (the PSA training loop, ``--trainable lora``) to prefer the safe image of each pair.
+"""Train one SafetyDPO safety expert (see :mod:`psalign.cli.train_safetydpo`, also installed as ``psalign-train-safetydpo``)."""
 
-    accelerate launch train_safetydpo.py --category Violence --coprov2 coprov2/train.csv \
-        --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --output_dir runs/expert_violence
-
-The category's pairs are written to <output_dir>/expert_pairs.jsonl, then trained on; the expert is
-<output_dir>/pytorch_lora_weights.safetensors (load it with pipe.load_lora_weights). Every
-train_psa.py option applies (--config, --lora_rank, --resume_from_checkpoint latest, ...).
-Merge experts with python -m psalign.safetydpo.merge_experts.
-"""
-
-import argparse
 import sys
 
-from psalign.safetydpo.data import write_expert_data
-from psalign.training import add_training_arguments, config_from_args
-from psalign.training.cli import EXIT_REFUSED, run_training
+from psalign.cli.train_safetydpo import build_parser, main, parse_args
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of training arguments")
-    parser.add_argument("--category", required=True, help="the expert's category (any known spelling)")
-    parser.add_argument("--coprov2", help="CoProV2-format CSV (prompt, image, category)")
-    parser.add_argument("--image_root", help="folder the CSV's image paths are relative to (default: the CSV's)")
-    parser.add_argument("--sage", help="Sage metadata.jsonl (the safe image is always chosen)")
-    args = add_training_arguments(parser).parse_args(argv)
-    if "train_data" in vars(args) or "trainable" in vars(args):
-        parser.error("--train_data and --trainable are set by this script (use --coprov2 / --sage)")
-    if "output_dir" not in vars(args):
-        parser.error("--output_dir is required")
-    return args
-
-
-def main(argv=None) -> int:
-    """Exit status as ``train_psa.py``'s: 0 done, 2 refused inputs or a stopped run, 130 interrupted."""
-    args = parse_args(argv)
-    try:  # ValueError (InputError included): an unknown category, no data source, bad data
-        args.train_data = str(write_expert_data(args.output_dir, args.category, args.coprov2, args.image_root, args.sage))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_REFUSED
-    except OSError as err:  # e.g. --output_dir is a file
-        print(f"error: cannot write the expert pairs into {args.output_dir}: {err.strerror or err}", file=sys.stderr)
-        return EXIT_REFUSED
-    args.trainable = "lora"
-    return run_training(lambda: config_from_args(args))
-
+__all__ = ["build_parser", "main", "parse_args"]
 
 if __name__ == "__main__":
     sys.exit(main())

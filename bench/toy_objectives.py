@@ -29,6 +29,7 @@ import torch
 from psalign.toy.benchmark import BenchmarkSpec, run_benchmark, target_checks
 from psalign.toy.build import DEFAULT_PSA_CONFIG
 from psalign.toy.bundle import bundled_paths
+from psalign.toy.sage_data import TRAIN_METADATA
 
 VARIANTS = ("dpo", "safe_anchor", "dpo_safe_anchor", "dpo+safe_anchor", "dpo+dpo_safe_anchor")
 
@@ -37,7 +38,7 @@ def _overrides(args: argparse.Namespace, variant: str, out: Path) -> dict:
     work = args.work
     values = {
         "pretrained_model": str(work / "model"),
-        "train_data": str(work / "sage" / "metadata.jsonl"),
+        "train_data": str(work / "sage" / TRAIN_METADATA),
         "embeds_folder": str(work / "embeds" / "embeds"),
         "output_dir": str(out),
         "cache_dir": str(args.out / "cache"),

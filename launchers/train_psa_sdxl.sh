@@ -2,20 +2,19 @@
 # PSA adapter on SDXL with the published recipe of configs/sdxl.yaml (4 GPUs x 2 pairs x 16 accumulation = 128 pairs per step,
 # bf16, lr 5e-6 constant after 500 warm-up steps, 5000 steps, beta 5000, a checkpoint every 500 steps).
 # Rerunning resumes from the newest checkpoint. Environment overrides:
-#   NUM_GPUS (4), DATA (metadata.jsonl or its folder), EMBEDS, OUTPUT; and, over the config file,
+#   NUM_GPUS (4; 0 trains on the CPU, and a count above the GPUs present is refused), DATA (metadata.jsonl or its folder), EMBEDS, OUTPUT; and, over the config file,
 #   MODEL, BATCH (per GPU), ACCUM, MIXED_PRECISION. Extra arguments go to train_psa.py, e.g.
 #   NUM_GPUS=8 ACCUM=8 DATA=/data/sage EMBEDS=/data/embeds bash launchers/train_psa_sdxl.sh --precompute
 # Multi-node: `accelerate config`, or ACCELERATE_ARGS="--config_file my_accelerate.yaml" (DDP; DeepSpeed and FSDP are refused).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"  # the repository: its configs and scripts; relative paths below are the caller's
 
 NUM_GPUS="${NUM_GPUS:-4}"
 DATA="${DATA:-data/sage}"
 EMBEDS="${EMBEDS:-data/embeds}"
 OUTPUT="${OUTPUT:-outputs/psa_sdxl}"
 
-# shellcheck disable=SC2086  # ACCELERATE_ARGS holds several arguments
-exec accelerate launch ${ACCELERATE_ARGS:-} --num_processes "$NUM_GPUS" train_psa.py --config configs/sdxl.yaml \
+exec python -m psalign.cli.launch --num_gpus "$NUM_GPUS" --accelerate_args "${ACCELERATE_ARGS:-}" "$ROOT/train_psa.py" --config "$ROOT/configs/sdxl.yaml" \
     --train_data "$DATA" --embeds_folder "$EMBEDS" --output_dir "$OUTPUT" \
     ${MODEL:+--pretrained_model "$MODEL"} ${BATCH:+--train_batch_size "$BATCH"} \
     ${ACCUM:+--gradient_accumulation_steps "$ACCUM"} ${MIXED_PRECISION:+--mixed_precision "$MIXED_PRECISION"} \

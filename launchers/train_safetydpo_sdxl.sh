@@ -11,15 +11,16 @@
 #   our choices: 1 pair x 16 accumulation steps (that launcher: 4 x 4, same pairs per step, less
 #     memory); 100 warm-up steps (0); bf16 (fp16); AdamW (it uses Adafactor, gradient checkpointing
 #     and the fp16-fix VAE: add --gradient_checkpointing when memory is short); 1 GPU; and the merge:
-#     merged LoRA rank 8, calibration prompts from each expert's own captions (nothing published).
+#     merged LoRA of the smallest rank within 5% truncation error (merge_report.json states it),
+#     calibration prompts from each expert's own captions (nothing published).
 # Rerunning resumes each expert from its newest checkpoint. Environment overrides:
-#   NUM_GPUS (1), COPROV2 (CoProV2 CSV), IMAGE_ROOT (its images; default: the CSV's folder), OUTPUT,
+#   NUM_GPUS (1; 0: the CPU), COPROV2 (CoProV2 CSV), IMAGE_ROOT (its images; default: the CSV's folder), OUTPUT,
 #   CATEGORIES (space-separated; default: the seven of psalign.categories), MODEL, RANK (expert LoRA
 #   rank, 4), ALPHA (4), STEPS, BATCH, ACCUM, LR, MIXED_PRECISION (bf16), MERGE_METHOD (co_merge),
-#   MERGE_RANK (merged LoRA rank, 8).
+#   MERGE_RANK (merged LoRA rank; default: the smallest within merge_experts' --max_truncation_error).
 # Extra arguments go to every train_safetydpo.py call, e.g. --sage data/sage/metadata.jsonl.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"  # the repository: its configs and scripts; relative paths below are the caller's
 
 NUM_GPUS="${NUM_GPUS:-1}"
 MODEL="${MODEL:-stabilityai/stable-diffusion-xl-base-1.0}"
@@ -31,8 +32,7 @@ RESOLUTION="${RESOLUTION:-1024}"
 experts=()
 for category in $CATEGORIES; do
     expert="$OUTPUT/experts/$category"
-    # shellcheck disable=SC2086  # ACCELERATE_ARGS holds several arguments
-    accelerate launch ${ACCELERATE_ARGS:-} --num_processes "$NUM_GPUS" train_safetydpo.py \
+    python -m psalign.cli.launch --num_gpus "$NUM_GPUS" --accelerate_args "${ACCELERATE_ARGS:-}" "$ROOT/train_safetydpo.py" \
         --category "$category" --coprov2 "$COPROV2" ${IMAGE_ROOT:+--image_root "$IMAGE_ROOT"} \
         --pretrained_model "$MODEL" --output_dir "$expert" --resolution "$RESOLUTION" \
         --lora_rank "${RANK:-4}" --lora_alpha "${ALPHA:-4}" --max_train_steps "${STEPS:-2000}" \
@@ -44,5 +44,5 @@ for category in $CATEGORIES; do
 done
 
 python -m psalign.safetydpo.merge_experts --experts "${experts[@]}" --categories $CATEGORIES \
-    --pretrained_model "$MODEL" --method "${MERGE_METHOD:-co_merge}" --rank "${MERGE_RANK:-8}" \
-    --resolution "$RESOLUTION" --output "$OUTPUT/merged"
+    --pretrained_model "$MODEL" --method "${MERGE_METHOD:-co_merge}" ${MERGE_RANK:+--rank "$MERGE_RANK"} \
+    --resolution "$RESOLUTION" --output_dir "$OUTPUT/merged"

@@ -44,6 +44,10 @@ _EXPORTS: dict[str, str] = {
     # evaluation (evaluate.py)
     "EvaluationConfig": "psalign.metrics.evaluation",
     "run_evaluation": "psalign.metrics.evaluation",
+    "read_results": "psalign.metrics.report",
+    "read_prompt_set": "psalign.prompt_sets",
+    "load_grid": "psalign.reproduce",
+    "run_grid": "psalign.reproduce",
     # SafetyDPO
     "merge_experts": "psalign.safetydpo.merge_experts",
     # data: categories, users, reference users, Sage pairs
@@ -56,6 +60,8 @@ _EXPORTS: dict[str, str] = {
     "rule_banned_categories": "psalign.users",
     "reference_user": "psalign.levels",
     "LEVEL_BANS": "psalign.levels",
+    "level_users": "psalign.levels",
+    "PUBLISHED_LEVEL_USERS": "psalign.levels",
     "sage_preference": "psalign.sage",
     "build_preference_pairs": "psalign.sage",
     "read_preference_pairs": "psalign.sage",
@@ -87,6 +93,8 @@ _SUBMODULES: frozenset[str] = frozenset(
         "methods",
         "metrics",
         "probe_bans",
+        "prompt_sets",
+        "reproduce",
         "safetydpo",
         "sage",
         "testing",

@@ -9,13 +9,14 @@ category's marker (a coloured glyph in the top-right corner); the adapter should
 for the users who allow its category and remove it cleanly for those who ban it. The toy
 detector's verdict on every image is printed too.
 
-    python -m psalign.demo --out demo_out
+    python -m psalign.demo --output_dir demo_out
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from typing import Sequence
@@ -89,15 +90,12 @@ def marker_legend(cell: int = 48) -> Image.Image:
     return legend
 
 
-def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: %(default)s)")
-    args = parser.parse_args(argv)
-
-    prompts = args.out / "prompts.jsonl"
+def run_demo(out: Path) -> Path:
+    """Write the demo's prompts, images and contact sheet under ``out``; returns the sheet's path."""
+    prompts = out / "prompts.jsonl"
     with atomic_write(prompts) as handle:
         handle.writelines(json.dumps(r) + "\n" for r in demo_records())
-    images_dir = args.out / "images"
+    images_dir = out / "images"
     config = with_toy_defaults(
         InferenceConfig(meta_data=prompts, save_path=images_dir, load_psa=True, batch_size=16, device="cpu")
     )
@@ -119,12 +117,22 @@ def main(argv=None) -> Path:
     page = Image.new("RGB", (max(sheet.width, legend.width), sheet.height + legend.height + 10), "white")
     page.paste(sheet, (0, 0))
     page.paste(legend, (0, sheet.height + 10))
-    sheet_path = args.out / "contact_sheet.png"
+    sheet_path = out / "contact_sheet.png"
     with atomic_path(sheet_path, suffix=".png") as tmp:
         page.save(tmp)
     print(f"model: {config.sd_model}\nimages: {images_dir}\ncontact sheet: {sheet_path}")
     return sheet_path
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m psalign.demo`` (``psalign-demo``); exit status 0."""
+    parser = argparse.ArgumentParser(prog="python -m psalign.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", "--out", dest="out", type=Path, default=Path("demo_out"),
+                        help="output folder (default: %(default)s)")
+    run_demo(parser.parse_args(argv).out)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

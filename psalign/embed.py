@@ -1,8 +1,8 @@
-"""Embed every user of a users file: ``python -m psalign.embed --users users.csv --llm_model NAME --out embeds/``.
+"""Embed every user of a users file: ``python -m psalign.embed --users users.csv --llm_model NAME --embeds_folder embeds/``.
 
-Writes ``<out>/<User_ID>.npy`` (float32 (D,)) per user and ``<out>/embedding_stats.npz`` (population
-mean and std). A rerun skips users already embedded, so an interrupted run resumes;
-``<out>/embedding_info.json`` records the encoder, model and template (``infer.py`` embeds profile
+Writes ``<embeds_folder>/<User_ID>.npy`` (float32 (D,)) per user and ``embedding_stats.npz``
+(population mean and std) beside them. A rerun skips users already embedded, so an interrupted run
+resumes; ``embedding_info.json`` records the encoder, model and template (``infer.py`` embeds profile
 users with the same template), and a rerun with other ones is refused instead of mixing
 embeddings of different models in one folder.
 """
@@ -10,7 +10,10 @@ embeddings of different models in one folder.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from psalign.cli.common import run_program
 
 from psalign.embeddings import (
     DEFAULT_SENTENCE_MODEL_NAME,
@@ -24,6 +27,8 @@ from psalign.embeddings import (
     pending_users,
     write_embedding_stats,
 )
+from psalign.hub import pretrained_problem
+from psalign.io import InputError, InputProblem
 from psalign.users import read_template, read_users
 
 
@@ -34,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sentence encoder; one <User_ID>.npy per user plus embedding_stats.npz. Reruns resume.",
     )
     parser.add_argument("--users", required=True, type=Path, help="users CSV (published or explicit layout)")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the .npy files and statistics")
+    parser.add_argument("--embeds_folder", "--out", dest="embeds_folder", required=True, type=Path,
+                        help="folder for the .npy files and statistics")
     parser.add_argument(
         "--encoder", choices=("llm", "sentence"), default="llm", help="llm: --llm_model; sentence: --sentence_model"
     )
@@ -61,26 +67,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def embed(args: argparse.Namespace) -> None:
+    """Embed the users of ``args.users`` not yet in ``args.embeds_folder``, then write the statistics."""
     users = read_users(args.users)
     template = read_template(args.template, PROFILE_TEMPLATE_FIELDS) if args.template else DEFAULT_PROFILE_TEMPLATE
     model = args.llm_model if args.encoder == "llm" else str(args.sentence_model or DEFAULT_SENTENCE_MODEL_NAME)
+    if args.encoder == "llm" and (problem := pretrained_problem(args.llm_model, "--llm_model")) is not None:
+        raise InputError([problem])
     try:
-        claim_embedding_folder(args.out, embedding_info(args.encoder, model, template))
+        claim_embedding_folder(args.embeds_folder, embedding_info(args.encoder, model, template))
     except ValueError as error:
-        raise SystemExit(str(error)) from None
-    todo = pending_users(users, args.out)
-    print(f"{len(users)} users, {len(users) - len(todo)} already embedded in {args.out}, {len(todo)} to do")
+        raise InputError([InputProblem(str(args.embeds_folder), 0, str(error))]) from None
+    todo = pending_users(users, args.embeds_folder)
+    print(f"{len(users)} users, {len(users) - len(todo)} already embedded in {args.embeds_folder}, {len(todo)} to do")
     if todo:
         if args.encoder == "llm":
             encoder = CausalLMUserEncoder(args.llm_model, device=args.device, batch_size=args.batch_size)
         else:
             encoder = SentenceUserEncoder(args.sentence_model, device=args.device, batch_size=args.batch_size)
-        embed_users(encoder, todo, args.out, template)
-    stats = write_embedding_stats(args.out, [u.user_id for u in users])
+        embed_users(encoder, todo, args.embeds_folder, template)
+    stats = write_embedding_stats(args.embeds_folder, [u.user_id for u in users])
     print(f"wrote {stats}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 refused inputs, 130 interrupted (rerun to resume)."""
+    args = parse_args(argv)
+    return run_program(lambda: embed(args), "interrupted: the users embedded so far are kept; rerun to resume")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

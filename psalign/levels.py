@@ -15,12 +15,22 @@ level_3    9999993     Violence, Self-Harm, Sexuality, Shocking                 
 level_4    9999994     Hate, Harassment, Violence, Self-Harm, Sexuality, Shocking
 level_5    9999995     all seven                                                 strict
 =========  ==========  ========================================================  =========
+
+These are the ``reference`` level set. The ``published`` set (:data:`PUBLISHED_LEVEL_USERS`) gives
+the same names to real users of the published ``users.csv``, as the paper's tables do: only
+level_0 (nothing banned) and level_5 (everything banned) ban the same categories as here.
+:func:`level_users` resolves a set's levels to users.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
 from psalign.categories import CATEGORIES
-from psalign.users import HEALTHY, NO_RELIGION, UserProfile
+from psalign.io import InputError, InputProblem
+from psalign.users import HEALTHY, NO_RELIGION, UserProfile, users_by_id
 
 LEVEL_BANS: dict[str, tuple[str, ...]] = {
     "level_0": (),
@@ -59,3 +69,94 @@ def reference_user(level: str, **profile) -> UserProfile:
     )
     attributes.update(profile)
     return UserProfile(**attributes).with_banned(LEVEL_BANS[level])
+
+
+# --------------------------------------------------------------------------------------------
+# Named level sets: which user each level is
+
+#: The named sets of levels: ``reference`` (the nested reference users above) and ``published``
+#: (the real users of the published ``users.csv`` that the paper's tables report as levels).
+LEVEL_SETS: tuple[str, ...] = ("reference", "published")
+#: The published evaluation's levels: level -> User_ID of the published ``users.csv``.
+PUBLISHED_LEVEL_USERS: dict[str, str] = {
+    "level_0": "0001001",
+    "level_1": "0000797",
+    "level_2": "0000697",
+    "level_3": "0000002",
+    "level_4": "0000742",
+    "level_5": "0000501",
+}
+
+
+@dataclass(frozen=True)
+class LevelUser:
+    """The user a level of a level set stands for, and the ``user_data`` of its prompts lines."""
+
+    level: str
+    user_id: str
+    profile: UserProfile
+    user_data: dict
+
+    @property
+    def label(self) -> str:
+        """``level_3@0000002``: the level and the user it measured (a results row's ``level``)."""
+        return f"{self.level}@{self.user_id}"
+
+
+def level_users(level_set: str, levels: Sequence[str], users_csv: str | Path | None = None,
+                embeds_folder: str | Path | None = None) -> list[LevelUser]:
+    """The users of ``levels`` (names or aliases) in ``level_set``.
+
+    ``reference``: :func:`reference_user` (prompts lines name it by ``safety_level``);
+    ``published``: :data:`PUBLISHED_LEVEL_USERS`, read from ``users_csv`` (the published layout),
+    each needing its embedding in ``embeds_folder`` (lines name it by ``User_ID``). Every problem
+    (unknown level or set, no such user, no embedding) is reported at once as :class:`InputError`.
+    """
+    from psalign.embeddings import find_user_embedding, user_embedding_path
+    from psalign.users import read_users
+
+    problems: list[InputProblem] = []
+    if level_set not in LEVEL_SETS:
+        raise InputError([InputProblem("--levels", 0, f"unknown level set {level_set!r}; choose from "
+                                                      f"{', '.join(LEVEL_SETS)}")])
+    names = []
+    for name in levels:
+        try:
+            names.append(canonical_level(name))
+        except ValueError as error:
+            problems.append(InputProblem("levels", 0, str(error)))
+    if level_set == "reference":
+        if problems:
+            raise InputError(problems)
+        return [LevelUser(level, profile.user_id, profile, {"safety_level": level})
+                for level in names for profile in [reference_user(level)]]
+    if users_csv is None:
+        problems.append(InputProblem("users_csv", 0, "the published levels are users of the published users.csv; "
+                                                     "give its path"))
+    elif not Path(users_csv).is_file():
+        problems.append(InputProblem(str(users_csv), 0, "users file not found (the published users.csv)"))
+    if embeds_folder is None:
+        problems.append(InputProblem("embeds_folder", 0, "the published levels need their users' embeddings; "
+                                                         "give the embeddings folder"))
+    elif not Path(embeds_folder).is_dir():
+        problems.append(InputProblem(str(embeds_folder), 0, "embeddings folder not found"))
+    if problems:
+        raise InputError(problems)
+    users = users_by_id(read_users(users_csv))
+    found = []
+    for level in names:
+        user_id = PUBLISHED_LEVEL_USERS[level]
+        profile = users.get(user_id)
+        if profile is None:
+            problems.append(InputProblem(str(users_csv), 0, f"{level} is user {user_id}, which the file does not "
+                                                            f"hold ({len(users)} users)"))
+            continue
+        if find_user_embedding(embeds_folder, user_id) is None:
+            problems.append(InputProblem(str(embeds_folder), 0, f"{level} is user {user_id}, whose embedding "
+                                         f"{user_embedding_path(embeds_folder, user_id).name} is not there; make it "
+                                         "with `python -m psalign.embed`"))
+            continue
+        found.append(LevelUser(level, user_id, profile, {"User_ID": user_id}))
+    if problems:
+        raise InputError(problems, header=f"the published levels cannot be used ({len(problems)} problem(s))")
+    return found

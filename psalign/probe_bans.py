@@ -11,11 +11,13 @@ or the sentence encoder's) before hours of training on it.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from psalign.categories import CATEGORIES
+from psalign.cli.common import run_program
 from psalign.embeddings import BanProbe, load_user_embeddings
 from psalign.levels import LEVEL_BANS, reference_user
 from psalign.users import UserProfile, read_users
@@ -27,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Fit a linear ban probe on the training users' embeddings and report how well it "
         "reads other users' bans (per category and per user).",
     )
-    parser.add_argument("--embeds", required=True, type=Path, help="embedding folder (python -m psalign.embed)")
+    parser.add_argument("--embeds_folder", "--embeds", dest="embeds", required=True, type=Path,
+                        help="embedding folder (python -m psalign.embed)")
     parser.add_argument("--train_users", required=True, type=Path, help="users CSV the probe is fitted on")
     parser.add_argument("--eval_users", nargs="*", type=Path, default=[], help="users CSVs the probe reads")
     parser.add_argument("--levels", action="store_true", help="also read the reference users level_0 ... level_5")
@@ -51,8 +54,8 @@ def probe_rows(probe: BanProbe, embeds: Path, groups: dict[str, list[UserProfile
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def probe(args: argparse.Namespace) -> None:
+    """Fit the probe on ``args.train_users`` and print how well it reads each group."""
     train = read_users(args.train_users)
     groups = {str(path): read_users(path) for path in args.eval_users}
     if args.levels:
@@ -67,5 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         print("| " + " | ".join(row) + " |")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 refused inputs (a bad users file, a missing embedding)."""
+    args = parse_args(argv)
+    return run_program(lambda: probe(args), refused=(FileNotFoundError, ValueError))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

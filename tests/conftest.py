@@ -46,3 +46,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def reset_accelerate_state() -> None:
+    """Accelerate keeps one process-wide state (mixed precision included): reset it between runs."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state(one_torch_thread):
+    """One torch thread and a fresh Accelerate state per test (training modules use it for every test)."""
+    yield
+    reset_accelerate_state()

@@ -10,7 +10,8 @@ from psalign.toy.world import ToyObject
 
 
 def test_demo_writes_images_a_contact_sheet_and_what_the_detector_sees(tmp_path, capsys):
-    sheet = demo.main(["--out", str(tmp_path)])
+    assert demo.main(["--out", str(tmp_path)]) == 0
+    sheet = tmp_path / "contact_sheet.png"
     images = sorted((tmp_path / "images").rglob("*.png"))
     assert len(images) == len(demo.DEMO_LEVELS) * len(demo.DEMO_PROMPTS)
     width, height = Image.open(sheet).size

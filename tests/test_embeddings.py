@@ -1,6 +1,9 @@
 """User embeddings: profile text, the causal-LM and sentence encoders, files, statistics, the CLI."""
 
+import re
+
 import numpy as np
+
 import pytest
 import torch
 
@@ -161,12 +164,12 @@ def test_published_embeddings(shared_data):
     assert 0.99 < cosine < 1.0
 
 
-def test_embed_cli_writes_resumes_and_refuses_mixing(tmp_path, tiny_llama, monkeypatch):
+def test_embed_cli_writes_resumes_and_refuses_mixing(tmp_path, tiny_llama, monkeypatch, capsys):
     users = generate_users(5, seed=9)
     users_csv = write_users(tmp_path / "users.csv", users)
     out = tmp_path / "embeds"
     argv = ["--users", str(users_csv), "--llm_model", str(tiny_llama), "--out", str(out), "--batch_size", "2"]
-    embed_cli.main(argv)
+    assert embed_cli.main(argv) == 0
     files = {u.user_id: out / f"{u.user_id}.npy" for u in users}
     assert all(f.is_file() for f in files.values())
     first = {uid: np.load(f) for uid, f in files.items()}
@@ -189,25 +192,27 @@ def test_embed_cli_writes_resumes_and_refuses_mixing(tmp_path, tiny_llama, monke
 
     other_template = tmp_path / "template.txt"
     other_template.write_text("{age} {banned}")
-    with pytest.raises(SystemExit, match="made with another template"):
-        embed_cli.main(argv + ["--template", str(other_template)])
+    capsys.readouterr()
+    assert embed_cli.main(argv + ["--template", str(other_template)]) == 2
+    assert "made with another template" in capsys.readouterr().err
 
 
-def test_embed_cli_reports_bad_input_before_loading(tmp_path, monkeypatch):
+def test_embed_cli_reports_bad_input_before_loading(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "users.csv"
     header = "Age,Age_Group,Gender,Religion,Physical_Condition,Mental_Condition,Banned_Categories,Allowed_Categories"
     bad.write_text(header + "\nx,adults,male,None,healthy,healthy,[],[]\n")
     monkeypatch.setattr(embed_cli, "CausalLMUserEncoder", None)  # would fail if reached
-    with pytest.raises(InputError, match=r"users.csv:2: Age"):
-        embed_cli.main(["--users", str(bad), "--llm_model", "nowhere", "--out", str(tmp_path / "e")])
+    assert embed_cli.main(["--users", str(bad), "--llm_model", "nowhere", "--out", str(tmp_path / "e")]) == 2
+    assert re.search(r"users.csv:2: Age", capsys.readouterr().err)
     template = tmp_path / "t.txt"
     template.write_text("{age}\n{nope}\n")
     write_users(tmp_path / "ok.csv", generate_users(2, seed=0))
-    with pytest.raises(InputError, match=r"t.txt:2: unknown placeholder \{nope\}"):
-        embed_cli.main(
-            ["--users", str(tmp_path / "ok.csv"), "--llm_model", "nowhere", "--out", str(tmp_path / "e")]
-            + ["--template", str(template)]
-        )
+    argv = ["--users", str(tmp_path / "ok.csv"), "--llm_model", "nowhere", "--out", str(tmp_path / "e")]
+    assert embed_cli.main(argv + ["--template", str(template)]) == 2
+    assert re.search(r"t.txt:2: unknown placeholder \{nope\}", capsys.readouterr().err)
+    # an LLM that is neither a folder nor reachable is refused before anything is loaded
+    assert embed_cli.main(argv) == 2
+    assert "nowhere: --llm_model: no such folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         embed_cli.parse_args(["--users", "u.csv", "--out", "o"])  # --encoder llm needs --llm_model
 
@@ -283,8 +288,8 @@ def test_probe_bans_cli_reports_what_the_embeddings_encode(tmp_path, capsys):
         # Every category but Propaganda is encoded: the probe must read those and miss Propaganda.
         encoded = ban_matrix([user.banned_categories]).numpy()[0, :6] @ directions[:6]
         save_user_embedding(tmp_path / "embeds", user.user_id, rng.normal(size=16) * 0.3 + encoded)
-    probe_bans.main(["--embeds", str(tmp_path / "embeds"), "--train_users", str(tmp_path / "train.csv"),
-                     "--eval_users", str(tmp_path / "heldout.csv"), "--levels", "--steps", "300"])
+    assert 0 == probe_bans.main(["--embeds", str(tmp_path / "embeds"), "--train_users", str(tmp_path / "train.csv"),
+                                 "--eval_users", str(tmp_path / "heldout.csv"), "--levels", "--steps", "300"])
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and "(n=" in line}
     heldout_row = rows[f"{tmp_path / 'heldout.csv'} (n=40)"]
@@ -293,13 +298,14 @@ def test_probe_bans_cli_reports_what_the_embeddings_encode(tmp_path, capsys):
     assert "reference users level_0 ... level_5 (n=6)" in rows
 
 
-def test_probe_bans_cli_names_users_without_embeddings(tmp_path):
+def test_probe_bans_cli_names_users_without_embeddings(tmp_path, capsys):
     from psalign import probe_bans
     from psalign.users import generate_users, write_users
 
     write_users(tmp_path / "train.csv", generate_users(3, seed=0))
     (tmp_path / "embeds").mkdir()
-    with pytest.raises(FileNotFoundError, match="3 user"):
-        probe_bans.main(["--embeds", str(tmp_path / "embeds"), "--train_users", str(tmp_path / "train.csv"), "--levels"])
+    argv = ["--embeds_folder", str(tmp_path / "embeds"), "--train_users", str(tmp_path / "train.csv"), "--levels"]
+    assert probe_bans.main(argv) == 2
+    assert "error: " in (err := capsys.readouterr().err) and "3 user" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         probe_bans.main(["--embeds", str(tmp_path / "embeds"), "--train_users", str(tmp_path / "train.csv")])

@@ -97,7 +97,7 @@ def test_every_bad_line_is_reported_before_loading_a_model(setup, tmp_path, monk
         5: "file_name: duplicate of line 1",
         6: "unknown safety level 'ultra'",
         7: "no embedding for user 0000099",
-        8: "contains '..' and would escape --save_path",
+        8: "contains '..' and would escape the output folder",
         9: "is absolute",
         10: "unknown safety category 'Nudity!'",
         11: "user_data: missing",

@@ -79,7 +79,7 @@ def test_csv_structure_errors(tmp_path):
     path.write_text("file_name,banned\na.png,\"['Hate'\"\n")
     with pytest.raises(InputError, match="p.csv:2: banned: not a list literal"):
         read_prompts(path)
-    with pytest.raises(InputError, match="prompts file must be .csv or .jsonl"):
+    with pytest.raises(InputError, match=r"p\.txt:1: invalid JSON"):  # read as JSON lines, as infer.py reads it
         (tmp_path / "p.txt").write_text("x")
         read_prompts(tmp_path / "p.txt")
     with pytest.raises(InputError, match="does not exist"):

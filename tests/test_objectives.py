@@ -18,8 +18,10 @@ from psalign.training.objectives import (
     safe_anchor_step_loss,
 )
 
-from .test_training import fresh_accelerate_state, unet_with_random_adapter  # noqa: F401 (fixture)
+from .test_training import unet_with_random_adapter  # noqa: F401 (fixture)
 from .training_support import SAGE_CAPTIONS, USER_DIM, tiny_config, write_sage_training_set, write_training_set
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # ---------------------------------------------------------------------------------------------- pure losses

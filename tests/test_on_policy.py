@@ -26,8 +26,9 @@ from psalign.training.on_policy import (
     run_on_policy,
 )
 
-from .test_training import fresh_accelerate_state  # noqa: F401 (fixture)
 from .training_support import SAGE_CAPTIONS, USER_DIM, tiny_config, write_sage_training_set
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 CATEGORIES = ("Violence", "Self-Harm")
 

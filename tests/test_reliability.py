@@ -177,7 +177,7 @@ def test_numeric_flags_and_a_save_path_that_is_a_file_are_refused_before_loading
         "--guidance_scale: must be a finite number, got inf",
         "--height: must be a multiple of 8 (the model's size factor) from 8 to 8192 px, got 30; use 24 or 32",
         "--num_inference_steps: must be from 1 to 1000 (the scheduler's training steps), got 0",
-        f"--save_path {out}: is a file, not a folder",
+        f"--output_dir {out}: is a file, not a folder",
     )
     assert out.read_text() == "keep me"
 
@@ -188,7 +188,7 @@ def test_an_unwritable_save_path_is_refused_before_loading(tmp_path):
         pytest.skip("no folder here refuses writes to this user")
     prompts = write_lines(tmp_path / "p.jsonl", [BAD_LINES[0]])
     run = run_script("infer.py", *infer_args(prompts, locked / "out"))
-    assert_refused(run, f"--save_path {locked / 'out'}: cannot write in {locked}")
+    assert_refused(run, f"--output_dir {locked / 'out'}: cannot write in {locked}")
 
 
 def test_an_empty_prompts_file_is_refused_without_loading_the_model(tmp_path):

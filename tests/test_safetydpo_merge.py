@@ -1,17 +1,23 @@
 """Merging SafetyDPO experts: Co-Merge, averaging, TIES, SVD re-factoring, diffusers LoRA round trip."""
 
+import json
+import math
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
+from psalign.io import InputError
 from psalign.safetydpo.lora import DEFAULT_TARGET_MODULES, read_lora_deltas, save_lora_factors
 from psalign.safetydpo.merge import (
+    MAX_TRUNCATION_ERROR,
     average_merge,
     co_merge,
     fuse_into_unet,
     record_input_activations,
     refactor_to_lora,
     ties_merge,
+    truncation_rank,
 )
 
 
@@ -173,3 +179,94 @@ def test_record_input_activations_is_the_mean_absolute_input(tiny_sd15_path):
 
     acts = record_input_activations(pipe.unet, [name], run)
     torch.testing.assert_close(acts[name], context.abs().reshape(-1, 32).mean(dim=0))
+
+
+def test_record_input_activations_can_keep_the_conditional_half_only(tiny_sd15_path):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_path, safety_checker=None)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    unconditional, conditional = torch.zeros(1, 77, 32), torch.randn(1, 77, 32)
+
+    def run(batch=torch.cat([unconditional, conditional])):
+        pipe.unet(torch.randn(len(batch), 4, 16, 16), torch.tensor([10] * len(batch)), encoder_hidden_states=batch)
+
+    both = record_input_activations(pipe.unet, [name], run)[name]
+    torch.testing.assert_close(both, conditional.abs()[0].mean(dim=0) / 2)  # the empty half halves it here
+    kept = record_input_activations(pipe.unet, [name], run, conditional_only=True)[name]
+    torch.testing.assert_close(kept, conditional.abs()[0].mean(dim=0))
+    with pytest.raises(RuntimeError, match="batch of 1 has no conditional half"):
+        record_input_activations(pipe.unet, [name], lambda: run(conditional), conditional_only=True)
+
+
+def test_truncation_rank_is_the_smallest_rank_within_the_error():
+    # singular values 3, 2, 1, 0.1: relative errors sqrt(tail energy / 14.01) at ranks 1..4 are 0.598, 0.268, 0.0267, 0
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(6, 4, generator=gen, dtype=torch.float64))  # orthonormal columns
+    v, _ = torch.linalg.qr(torch.randn(5, 4, generator=gen, dtype=torch.float64))
+    delta = (u @ torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.1], dtype=torch.float64)) @ v.T).float()
+    deltas = {"m": delta, "zero": torch.zeros(3, 3)}
+    assert [truncation_rank(deltas, e) for e in (0.6, 0.3, 0.05, 0.01)] == [1, 2, 3, 4]
+    _, errors = refactor_to_lora({"m": delta}, rank=3)
+    assert errors["m"] == pytest.approx(math.sqrt(0.01 / 14.01), rel=1e-4)
+    assert truncation_rank({"zero": torch.zeros(3, 3)}) == 1
+    assert MAX_TRUNCATION_ERROR == 0.05
+
+
+def _tiny_experts(pipe, folder, rank: int = 2, count: int = 2) -> list:
+    """``count`` random rank-``rank`` diffusers LoRAs on the tiny UNet's attn2 projections."""
+    names = [n for n, _ in pipe.unet.named_modules() if n.endswith(("attn2.to_q", "attn2.to_v"))]
+    gen = torch.Generator().manual_seed(0)
+    experts = []
+    for k in range(count):
+        factors = {}
+        for n in names:
+            out_features, in_features = pipe.unet.get_submodule(n).weight.shape
+            factors[n] = (0.1 * torch.randn(rank, in_features, generator=gen),
+                          0.1 * torch.randn(out_features, rank, generator=gen))
+        experts.append(save_lora_factors(folder / f"expert_{k}", factors, rank=rank))
+    return experts
+
+
+def test_calibration_on_all_experts_prompts(tmp_path):
+    from psalign.safetydpo.merge_experts import check_merge_inputs
+
+    experts = [tmp_path / "hate", tmp_path / "violence"]
+    for folder in experts:
+        folder.mkdir()
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")  # only its presence is checked here
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("Hate\ta slur\nViolence\ta fight\nViolence\ta brawl\nHate\ta slur\n", encoding="utf-8")
+    own = check_merge_inputs(experts, ["Hate", "Violence"], "co_merge", calibration)
+    assert own.prompts == [["a slur", "a slur"], ["a fight", "a brawl"]]
+    everyone = check_merge_inputs(experts, ["Hate", "Violence"], "co_merge", calibration, calibration_scope="all")
+    assert everyone.prompts == [["a slur", "a fight", "a brawl"]] * 2
+    with pytest.raises(InputError, match="--calibration_scope: 'some' is not one of own, all"):
+        check_merge_inputs(experts, ["Hate", "Violence"], "co_merge", calibration, calibration_scope="some")
+
+
+def test_merge_report_states_the_truncation_error_and_the_default_rank_keeps_it_small(tiny_sd15_path, tmp_path,
+                                                                                     capsys):
+    from psalign.safetydpo import merge_experts as cli
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_path, safety_checker=None)
+    experts = _tiny_experts(pipe, tmp_path)
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("Hate\ta slur\nViolence\ta fight\n", encoding="utf-8")
+    common = ["--experts", *map(str, experts), "--categories", "Hate", "Violence", "--pretrained_model",
+              str(tiny_sd15_path), "--calibration_prompts", str(calibration), "--calibration_steps", "1",
+              "--resolution", "16", "--device", "cpu", "--calibration_scope", "all", "--calibration_half", "conditional"]
+    cli.main([*common, "--output", str(tmp_path / "auto")])
+    report = json.loads((tmp_path / "auto" / "merge_report.json").read_text())
+    assert report["calibration_prompts"] == [["a slur", "a fight"]] * 2 and report["calibration_half"] == "conditional"
+    assert report["rank_chosen"] == "smallest within max_truncation_error"
+    assert report["max_relative_error"] <= MAX_TRUNCATION_ERROR and report["within_max_truncation_error"]
+    assert report["rank"] > 2  # an element-wise merge of rank-2 experts is of higher rank
+    saved = read_lora_deltas(tmp_path / "auto")
+    assert max(int(torch.linalg.matrix_rank(d)) for d in saved.values()) <= report["rank"]
+    assert "SVD relative error" in capsys.readouterr().out
+
+    cli.main([*common, "--rank", "1", "--output", str(tmp_path / "rank1")])
+    small = json.loads((tmp_path / "rank1" / "merge_report.json").read_text())
+    assert small["rank"] == 1 and small["rank_chosen"] == "given" and not small["within_max_truncation_error"]
+    assert small["max_relative_error"] == pytest.approx(max(small["relative_error"].values()))
+    assert small["max_relative_error"] > MAX_TRUNCATION_ERROR
+    assert "warning: the rank-1 LoRA loses more than 0.05" in capsys.readouterr().err

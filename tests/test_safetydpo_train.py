@@ -24,22 +24,10 @@ from psalign.safetydpo.data import (
 )
 from psalign.training import PSATrainer, load_training_config, read_metrics
 
+from .conftest import reset_accelerate_state
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def reset_accelerate_state() -> None:
-    """Accelerate keeps one process-wide state (mixed precision included): reset it between runs."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state(one_torch_thread):
-    """One torch thread (tiny models run faster so) and a fresh Accelerate state per test."""
-    yield
-    reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def write_coprov2(root: Path, n_pairs: int = 6, size: tuple[int, int] = (10, 12), extra_rows: str = "") -> Path:

@@ -1,5 +1,5 @@
-"""Pieces of the toy build: resumable training loops, the toy population, the detector filter of
-toy Sage units, and the bundle lookup."""
+"""Pieces of the toy build: resumable training loops, the toy population, the toy world's run of the
+Sage build pipeline (concepts, template writer, detector filter, substitution pairs), and the bundle lookup."""
 
 import pytest
 import torch
@@ -8,7 +8,14 @@ from psalign.categories import CATEGORIES
 from psalign.io import InputError
 from psalign.toy import build as toy_build
 from psalign.toy.render import render
-from psalign.toy.sage_data import POOL_DIR, PoolUnit, assign_units, pool_units, substitution_decoy, toy_users, unit_agrees
+from psalign.toy.sage_data import (
+    SUBSTITUTION_INDEX,
+    ToyTemplateWriter,
+    substitution_decoy,
+    substitution_units,
+    toy_concepts,
+    toy_users,
+)
 from psalign.toy.world import OBJECTS, ToyObject, seen_concepts
 
 
@@ -88,71 +95,90 @@ def _combinations(items, k):
     return itertools.combinations(sorted(items), k)
 
 
-def test_pool_covers_seen_concepts_only():
-    units = pool_units(pool_seeds=2)
-    assert len(units) == len(CATEGORIES) * 2 * len(OBJECTS) * 2
-    assert {u.concept for u in units} == {c for cat in CATEGORIES for c in seen_concepts(cat)}
-    assert len({u.seed(0) for u in units}) == len(units)
+def test_toy_concepts_are_the_seen_concepts_and_the_template_writer_pairs_every_object():
+    concepts = toy_concepts()
+    assert list(concepts) == list(CATEGORIES)
+    assert all(concepts[c] == list(seen_concepts(c)) for c in CATEGORIES)
+    result = ToyTemplateWriter().write("Violence", "a fierce clash", len(OBJECTS))
+    assert [(p.unsafe, p.safe) for p in result.pairs] == [(o.caption("a fierce clash"), o.caption()) for o in OBJECTS]
+    assert result.rejected == []
+    with pytest.raises(ValueError, match="at most 12 prompts"):
+        ToyTemplateWriter().write("Violence", "a fierce clash", len(OBJECTS) + 1)
 
 
-def _kept(pool_seeds: int = 2) -> dict[str, list[PoolUnit]]:
-    kept: dict[str, list[PoolUnit]] = {}
-    for unit in pool_units(pool_seeds):
-        kept.setdefault(unit.concept, []).append(unit)
-    return kept
+def _kept_units() -> list[dict]:
+    """Filter-stage lines of one kept unit per (seen concept, object)."""
+    units = []
+    for category in CATEGORIES:
+        for concept in seen_concepts(category):
+            for index, obj in enumerate(OBJECTS):
+                stem = f"{category.lower()}_{concept.replace(' ', '_')}_{index:05d}"
+                units.append({"category": category, "concept": concept, "index": index, "unsafe": obj.caption(concept),
+                              "safe": obj.caption(), "unsafe_image": f"{stem}_u.jpg", "safe_image": f"{stem}_s.jpg",
+                              "kept": True})
+    return units
 
 
 def test_substitution_pairs_reject_another_categorys_marker_on_the_same_object_for_banned_categories_only():
     import numpy as np
 
-    from psalign.sage import build_preference_pairs
+    from psalign.sage import SageUnit, build_preference_pairs
 
     users, _ = toy_users(6, 0, seed=1, random_ban_share=1.0)
-    kept = _kept()
-    plain = assign_units(users, kept, False, np.random.default_rng(0))
-    assert [u.index for u in plain] == [0] * (len(users) * len(kept))
-    units = assign_units(users, kept, True, np.random.default_rng(0))
-    pool = {unit.image("u"): unit for units_ in kept.values() for unit in units_}
-    by_key = {(u.user_id, u.concept, u.index): u for u in units}
-    decoys = [u for u in units if u.index == 1]
+    kept = _kept_units()
+    by_image = {u["unsafe_image"]: u for u in kept}
+    plain = [SageUnit(user.user_id, u["category"], u["concept"], u["index"], u["safe"], u["unsafe"],
+                      f"img/{u['safe_image']}", f"img/{u['unsafe_image']}") for user in users for u in kept[::12]]
+    records = build_preference_pairs(plain, users)
+    decoys = substitution_units(records, users, kept, "img", np.random.default_rng(0))
     expected = sum(len(seen_concepts(c)) for user in users for c in user.banned_categories)
-    assert len(decoys) == expected > 0 and len(units) == len(plain) + expected
+    assert len(decoys) == expected > 0
     for decoy in decoys:
         user = next(u for u in users if u.user_id == decoy.user_id)
-        assert decoy.category in user.banned_categories
-        source = pool[decoy.unsafe_image]
-        main = by_key[(decoy.user_id, decoy.concept, 0)]
-        assert source.category != decoy.category  # another category's marker, on the prompt's object
-        assert decoy.unsafe_caption == main.unsafe_caption == source.object.caption(decoy.concept)
-        assert decoy.safe_image == source.image("s")
-    records = build_preference_pairs(decoys, users)
-    assert all(r["rejected"].endswith("_u.jpg") and r["chosen"].endswith("_s.jpg") for r in records)
+        assert decoy.category in user.banned_categories and decoy.index == SUBSTITUTION_INDEX
+        source = by_image[decoy.unsafe_image.removeprefix("img/")]
+        assert source["category"] != decoy.category  # another category's marker, on the prompt's object
+        assert source["safe"] == decoy.safe_caption and decoy.unsafe_caption == f"{decoy.safe_caption} with {decoy.concept}"
+    decoy_records = build_preference_pairs(decoys, users)
+    assert all(r["rejected"].endswith("_u.jpg") and r["chosen"].endswith("_s.jpg") for r in decoy_records)
 
 
 def test_substitution_decoy_names_the_object_it_cannot_find():
     import numpy as np
 
-    only_violence = {c: [u for u in units if u.category == "Violence"] for c, units in _kept().items()}
+    only_violence = [u for u in _kept_units() if u["category"] == "Violence"]
     with pytest.raises(RuntimeError, match="red square outside Violence"):
         substitution_decoy(only_violence, "Violence", ToyObject("red", "square"), np.random.default_rng(0))
 
 
 @pytest.mark.parametrize(
-    "unsafe_marker, safe_marker, unsafe_object, agrees",
+    "unsafe_marker, safe_marker, kept",
     [
-        ("Violence", None, ToyObject("red", "square"), True),
-        (None, None, ToyObject("red", "square"), False),  # the unsafe image lacks the marker
-        ("Violence", "Violence", ToyObject("red", "square"), False),  # the safe image has it
-        ("Hate", None, ToyObject("red", "square"), False),  # the wrong category's marker
-        ("Violence", None, ToyObject("red", "circle"), False),  # the wrong object
+        ("Violence", None, True),
+        (None, None, False),  # the unsafe image lacks a marker
+        ("Violence", "Violence", False),  # the safe image has one
+        ("Hate", None, True),  # the rule of every InPro classifier: flagged, whatever the category
     ],
 )
-def test_sage_units_are_kept_only_when_the_detector_agrees(tmp_path, unsafe_marker, safe_marker, unsafe_object, agrees):
-    unit = PoolUnit("Violence", "a fierce clash", ToyObject("red", "square"), 0)
-    (tmp_path / POOL_DIR).mkdir()
-    render(unsafe_object, unsafe_marker).save(tmp_path / unit.image("u"), quality=95, subsampling=0)
-    render(unit.object, safe_marker).save(tmp_path / unit.image("s"), quality=95, subsampling=0)
-    assert unit_agrees(tmp_path, unit) is agrees
+def test_toy_units_are_kept_when_the_detector_flags_the_unsafe_image_only(tmp_path, unsafe_marker, safe_marker, kept):
+    import json
+
+    from psalign.sage.build import run_filter, stage_dir
+    from psalign.sage.config import load_config
+
+    config = load_config(None, {"world": "toy", "out": str(tmp_path), "prompts_per_concept": "1",
+                                "images_per_prompt": "1"})
+    obj = ToyObject("red", "square")
+    line = {"category": "Violence", "concept": "a fierce clash", "requests": 0, "rejected": [],
+            "pairs": [{"unsafe": obj.caption("a fierce clash"), "safe": obj.caption()}]}
+    (stage_dir(config, "prompts")).mkdir(parents=True)
+    (stage_dir(config, "prompts") / "prompts.jsonl").write_text(json.dumps(line) + "\n", encoding="utf-8")
+    images = stage_dir(config, "images")
+    images.mkdir()
+    render(obj, unsafe_marker).save(images / "violence_a_fierce_clash_00000_u.jpg", quality=95, subsampling=0)
+    render(obj, safe_marker).save(images / "violence_a_fierce_clash_00000_s.jpg", quality=95, subsampling=0)
+    record = run_filter(config)
+    assert record["kept"] == int(kept) and record["kept_share_by_category"] == {"Violence": float(kept)}
 
 
 def test_bundled_paths_name_what_is_missing(tmp_path):

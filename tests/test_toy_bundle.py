@@ -143,7 +143,7 @@ def test_infer_and_evaluate_default_to_the_bundled_toy_model(bundle, tmp_path, c
 
     results = tmp_path / "results.csv"
     assert evaluate.main(["--target_folder", str(out), "--output", str(results)]) == 0
-    assert "--inpro_classifiers toy" in capsys.readouterr().err
+    assert "InPro classifier: the toy marker detector" in capsys.readouterr().err
     rows = [r for r in csv.DictReader(results.open()) if r["metric"].startswith("inpro")]
     assert len(rows) == 1 and rows[0]["n"] == "3"
     flagged = ToyMarkerFlagger()([Image.open(out / r["file_name"]) for r in records])

@@ -29,18 +29,7 @@ from .training_support import USER_DIM, tiny_config, write_training_set
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """One torch thread (tiny models on a shared 2-core machine run many times faster so), and a
-    fresh Accelerate state per test (it keeps one process-wide state, mixed precision included)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

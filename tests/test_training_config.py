@@ -109,7 +109,7 @@ def test_recipe_configs_and_launchers(kind, model, resolution, batch, accumulati
     launcher = (REPO / "launchers" / f"train_psa_{kind}.sh").read_text()
     gpus = int(re.search(r'NUM_GPUS="\$\{NUM_GPUS:-(\d+)\}"', launcher)[1])
     assert gpus * batch * accumulation == pairs_per_step
-    assert "accelerate launch" in launcher and f"--config configs/{kind}.yaml" in launcher
+    assert "python -m psalign.cli.launch" in launcher and f'--config "$ROOT/configs/{kind}.yaml"' in launcher
 
 
 def test_help_lists_every_issue_flag(capsys):

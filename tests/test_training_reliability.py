@@ -27,8 +27,9 @@ from psalign.io import InputError
 from psalign.training import PSATrainer, checkpoints, read_metrics, train
 from psalign.training.trainer import NonFiniteWeightsError, check_inputs
 
-from .test_training import fresh_accelerate_state  # noqa: F401 (autouse fixture)
 from .training_support import USER_DIM, default_sigint, tiny_config, write_training_set
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 REPO = Path(__file__).resolve().parents[1]
 LOADING = "loading the models from"

@@ -1,10 +1,19 @@
 """The PSA user cross-attention adapter: processor, adapter module, saving and loading."""
 
-from .adapter import PSAAdapter, PSAAdapterConfig, UserConditioning, UserProjection, cross_attention_layers
+from .adapter import (
+    SDXL_MICRO_CONDITIONINGS,
+    PSAAdapter,
+    PSAAdapterConfig,
+    UserConditioning,
+    UserProjection,
+    cross_attention_layers,
+    micro_conditioning_warning,
+)
 from .processor import UserCrossAttnProcessor
 from .serialization import AdapterSummary, convert_published_checkpoint, inspect_adapter, load_adapter
 
 __all__ = [
+    "SDXL_MICRO_CONDITIONINGS",
     "AdapterSummary",
     "PSAAdapter",
     "PSAAdapterConfig",
@@ -15,4 +24,5 @@ __all__ = [
     "cross_attention_layers",
     "inspect_adapter",
     "load_adapter",
+    "micro_conditioning_warning",
 ]

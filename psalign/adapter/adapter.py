@@ -15,6 +15,11 @@ from .processor import UserCrossAttnProcessor
 #: Version of the saved adapter format (``psa_config.json`` + ``psa_adapter.safetensors``).
 FORMAT_VERSION = 1
 FORMAT_NAME = "psalign-psa-adapter"
+#: SDXL ``add_time_ids`` (original size, crop top-left, target size) an adapter was trained with:
+#: ``target_size`` is ``[R, R, 0, 0, R, R]`` at resolution R (what diffusers' SDXL pipelines pass by
+#: default at inference, and what the published PSA code trains with); ``source_size`` is each
+#: training image's own size before resizing and its crop offset.
+SDXL_MICRO_CONDITIONINGS = ("target_size", "source_size")
 
 
 @dataclass
@@ -31,6 +36,8 @@ class PSAAdapterConfig:
     layer_names: list[str]
     layer_dims: list[int]
     num_user_tokens: int = 1
+    sdxl_micro_conditioning: str | None = None
+    """One of :data:`SDXL_MICRO_CONDITIONINGS` for an SDXL adapter; None for SD1.5 or when not recorded."""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
@@ -48,6 +55,21 @@ class PSAAdapterConfig:
             )
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def is_sdxl_unet(unet: nn.Module) -> bool:
+    """Whether ``unet`` takes SDXL's size conditioning (``addition_embed_type`` ``text_time``)."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def micro_conditioning_warning(config: PSAAdapterConfig, unet: nn.Module) -> str | None:
+    """Why this adapter's training ``add_time_ids`` differ from an SDXL pipeline's default
+    ``[H, W, 0, 0, H, W]`` on ``unet`` (None when they do not, or the UNet is not SDXL's)."""
+    if not is_sdxl_unet(unet) or config.sdxl_micro_conditioning != "source_size":
+        return None
+    return ("this PSA adapter was trained with each source image's size and crop in SDXL's add_time_ids "
+            "(sdxl_micro_conditioning: source_size), but the pipeline conditions on [H, W, 0, 0, H, W]; "
+            "retrain with sdxl_micro_conditioning: target_size to match")
 
 
 class UserProjection(nn.Module):
@@ -183,17 +205,24 @@ class PSAAdapter(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def for_unet(cls, unet: nn.Module, user_embed_dim: int, num_user_tokens: int = 1) -> "PSAAdapter":
-        """A fresh adapter shaped for ``unet``: ``user_embed_dim`` comes from the data (3584 Qwen2.5-7B, 384 MiniLM)."""
+    def for_unet(
+        cls, unet: nn.Module, user_embed_dim: int, num_user_tokens: int = 1, sdxl_micro_conditioning: str | None = None
+    ) -> "PSAAdapter":
+        """A fresh adapter shaped for ``unet``: ``user_embed_dim`` comes from the data (3584 Qwen2.5-7B, 384 MiniLM).
+        ``sdxl_micro_conditioning`` is recorded for an SDXL UNet only."""
         layers = cross_attention_layers(unet)
         if not layers:
             raise ValueError("this UNet has no cross-attention layers to adapt")
+        if sdxl_micro_conditioning not in (None, *SDXL_MICRO_CONDITIONINGS):
+            raise ValueError(f"sdxl_micro_conditioning must be one of {SDXL_MICRO_CONDITIONINGS}, "
+                             f"got {sdxl_micro_conditioning!r}")
         config = PSAAdapterConfig(
             user_embed_dim=int(user_embed_dim),
             cross_attention_dim=int(unet.config.cross_attention_dim),
             layer_names=list(layers),
             layer_dims=[int(m.to_out[0].in_features) for m in layers.values()],
             num_user_tokens=int(num_user_tokens),
+            sdxl_micro_conditioning=sdxl_micro_conditioning if is_sdxl_unet(unet) else None,
         )
         adapter = cls(config)
         if adapter.to_k is not None:  # start the user keys from the layers' text keys (same d_c -> h_l shape)
@@ -203,11 +232,20 @@ class PSAAdapter(nn.Module):
         return adapter
 
     @classmethod
-    def from_pretrained(cls, path) -> "PSAAdapter":
-        """Load an adapter saved with :meth:`save_pretrained` (see :mod:`psalign.adapter.serialization`)."""
+    def from_pretrained(cls, path, subfolder: str | None = None, revision: str | None = None) -> "PSAAdapter":
+        """Load an adapter saved with :meth:`save_pretrained` from a folder, or from a hub repo id
+        (``subfolder``, ``revision``: see :mod:`psalign.adapter.hub`)."""
+        from .hub import resolve_adapter_path
         from .serialization import load_adapter_dir
 
-        return load_adapter_dir(path)
+        return load_adapter_dir(resolve_adapter_path(path, subfolder, revision))
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload this adapter, a model card and its embedding statistics to hub repository
+        ``repo_id`` (keyword arguments: :func:`psalign.adapter.hub.push_adapter_to_hub`)."""
+        from .hub import push_adapter_to_hub
+
+        return push_adapter_to_hub(self, repo_id, **kwargs)
 
     def save_pretrained(self, path, extra: dict | None = None) -> None:
         """Write ``psa_config.json`` and ``psa_adapter.safetensors`` to the folder ``path`` (atomically)."""

@@ -7,6 +7,8 @@ Our format is a folder with two files:
 * ``psa_adapter.safetensors``: the adapter's ``state_dict`` (``user_proj.*`` including the
   standardisation buffers, ``to_v.{l}.weight``, and ``to_k.{l}.weight`` only when N > 1).
 
+Either can also live in a hub repository (:mod:`psalign.adapter.hub`).
+
 The published layout (``psa_adapter.bin``, torch-pickled, or a ``.safetensors`` with key prefixes
 ``psa_adapter.`` / ``user_proj.``) numbers the cross-attention processors ``i`` in
 ``unet.attn_processors`` order and the user tokens ``j``: ``{i}.to_k_user.{j}.weight`` and
@@ -240,7 +242,9 @@ def convert_published_checkpoint(path, unet: torch.nn.Module) -> PSAAdapter:
             f"{path} was made for a UNet with {describe_unet(d_c, summary.num_layers)}; "
             f"this UNet has {describe_unet(int(unet.config.cross_attention_dim), len(layers))}"
         )
-    adapter = PSAAdapter.for_unet(unet, user_embed_dim=summary.user_embed_dim, num_user_tokens=1)
+    # the published training code conditions SDXL on [R, R, 0, 0, R, R]
+    adapter = PSAAdapter.for_unet(unet, user_embed_dim=summary.user_embed_dim, num_user_tokens=1,
+                                  sdxl_micro_conditioning="target_size")
     new_state = adapter.state_dict()
     # The published processors read user token 0 only; keep that token's rows of the projection.
     new_state["user_proj.proj.weight"] = proj["proj.weight"][:d_c]
@@ -256,10 +260,18 @@ def convert_published_checkpoint(path, unet: torch.nn.Module) -> PSAAdapter:
     return adapter
 
 
-def load_adapter(path, unet: torch.nn.Module) -> PSAAdapter:
-    """Load an adapter from our folder format or a published checkpoint file and attach it to ``unet``
-    (the path is checked first with :func:`inspect_adapter`, so every problem reads the same as there)."""
-    summary = inspect_adapter(path)
+def load_adapter(
+    path, unet: torch.nn.Module, subfolder: str | None = None, revision: str | None = None,
+    weight_name: str | None = None,
+) -> PSAAdapter:
+    """Load an adapter from our folder format or a published checkpoint file and attach it to ``unet``.
+
+    ``path`` is a local folder or file, or a hub repo id (with ``subfolder``, ``revision``, and
+    ``weight_name`` for a published checkpoint file; see :mod:`psalign.adapter.hub`). The path is
+    checked first with :func:`inspect_adapter`, so every problem reads the same as there."""
+    from .hub import resolve_adapter_path
+
+    summary = inspect_adapter(resolve_adapter_path(path, subfolder, revision, weight_name))
     if summary.layout == "psalign":
         adapter = load_adapter_dir(summary.path)
     else:

@@ -29,12 +29,15 @@ from psalign.embeddings import (
 from psalign.io import InputError, InputProblem, append_json_lines, atomic_path, atomic_write, read_json_lines
 
 from .grid import contact_sheet
-from .records import GRIDS_FOLDER, PromptRecord
+from .records import GRIDS_FOLDER, LABEL_KEYS, PromptRecord
 
 if TYPE_CHECKING:
     from psalign.methods import Method
 
 LOG_NAME = "generation_log.jsonl"
+#: How ``.jpg`` images are saved: PIL's default (quality 75, 4:2:0 chroma) smears small coloured
+#: details, e.g. half of the toy world's Sexuality markers become unreadable.
+JPEG_OPTIONS = {"quality": 95, "subsampling": 0}
 
 
 @dataclass
@@ -165,7 +168,8 @@ def generate_images(
                         raise RuntimeError(f"{method.name} drew {record.file_name} at {image.width}x{image.height} px, "
                                            f"not the {size['width']}x{size['height']} px asked for")
                     target = save_path / record.file_name
-                    image.save(renames.enter_context(atomic_path(target, suffix=target.suffix)))
+                    options = JPEG_OPTIONS if target.suffix.lower() in (".jpg", ".jpeg") else {}
+                    image.save(renames.enter_context(atomic_path(target, suffix=target.suffix)), **options)
                 _append_log(save_path / log_name, batch, seeds, log_fields)
             written += [record.file_name for record in batch]
             bar.update(len(batch))
@@ -209,7 +213,7 @@ def read_log_file(path: str | Path) -> list[tuple[int, dict]]:
 
 def check_resumable(save_path: str | Path, records: Sequence[PromptRecord], log_fields: dict) -> None:
     """Raise :class:`InputError` when an image of ``records`` already in ``save_path`` was logged
-    with another caption or seed than its record, or other settings, method parameters or model
+    with another caption, user or seed than its record, or other settings, method parameters or model
     than ``log_fields`` (resuming would mix two runs in one folder), or was not logged at all (an
     image from elsewhere, or one an older version left unlogged when interrupted). Reads
     ``generation_log.jsonl`` and unmerged per-process parts.
@@ -217,7 +221,8 @@ def check_resumable(save_path: str | Path, records: Sequence[PromptRecord], log_
     A weights path whose ``<key>_sha256`` digest matches is the same weights in a moved or renamed
     folder, and is not a difference."""
     save_path = Path(save_path)
-    kept = {r.file_name: {"caption": r.caption, "seed": record_seed(log_fields["run_seed"], r)}
+    kept = {r.file_name: {"caption": r.caption, "user_data": json.loads(json.dumps(r.data.get("user_data"))),
+                          "seed": record_seed(log_fields["run_seed"], r)}
             for r in records if (save_path / r.file_name).exists()}
     if not kept:
         return
@@ -246,7 +251,7 @@ def check_resumable(save_path: str | Path, records: Sequence[PromptRecord], log_
                                  if len(problems) > 10 else [])
         raise InputError(shown, header=(
             f"{save_path} holds images made with other settings or not logged: resuming would mix two runs "
-            "(use another --save_path, or --overwrite to redraw them)"
+            "(use another --output_dir, or --overwrite to redraw them)"
         ))
 
 
@@ -258,6 +263,7 @@ def _append_log(path: Path, batch: Sequence[PromptRecord], seeds: Sequence[int],
             "caption": record.caption,
             "user": record.user.label if record.user else None,
             "user_data": record.data.get("user_data"),
+            **{key: record.data[key] for key in LABEL_KEYS if key in record.data},
             **fields,
             "seed": seed,
         }
@@ -289,6 +295,18 @@ def read_generation_log(save_path: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [entry for _, entry in read_log_file(path)]
+
+
+def logged_entries(folder: str | Path) -> list[dict]:
+    """The generation-log entries of the images in ``folder``: its own ``generation_log.jsonl``,
+    or, for a subfolder of an output folder (``out/level_3`` of a log that names ``level_3/x.png``),
+    the parent log's entries under it, their ``file_name`` relative to ``folder``."""
+    folder = Path(folder)
+    if (folder / LOG_NAME).is_file():
+        return read_generation_log(folder)
+    prefix = f"{folder.name}/"
+    return [{**entry, "file_name": entry["file_name"][len(prefix):]} for entry in read_generation_log(folder.parent)
+            if str(entry.get("file_name", "")).startswith(prefix)]
 
 
 def _read_image(path: Path) -> Image.Image:

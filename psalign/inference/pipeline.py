@@ -78,9 +78,9 @@ def _read_config(path: Path) -> dict:
 
 def model_problems(model: str | Path) -> list[InputProblem]:
     """Why ``model`` cannot be loaded as a diffusers pipeline, found without loading it: a missing
-    folder, a folder without a readable ``model_index.json``, or a hub id that is not in the local
-    cache while the hub is offline."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    folder, a folder without a readable ``model_index.json``, or a hub id that is neither cached nor
+    reachable (:func:`psalign.hub.hub_problem`, a few seconds at most)."""
+    from psalign.hub import hub_problem, looks_like_path
 
     path = Path(model)
     if path.is_dir():
@@ -93,12 +93,10 @@ def model_problems(model: str | Path) -> list[InputProblem]:
             return error.problems
         return []
     text = str(model)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+    if looks_like_path(text):
         return [InputProblem(text, 0, "no such pipeline folder")]
-    if constants.is_offline_mode() and not isinstance(try_to_load_from_cache(text, "model_index.json"), str):
-        return [InputProblem(text, 0, "not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1); "
-                                      "pass a local pipeline folder")]
-    return []
+    problem = hub_problem(text, "model_index.json", "diffusers pipeline")
+    return [] if problem is None else [problem]
 
 
 def model_geometry(model: str | Path) -> ModelGeometry | None:

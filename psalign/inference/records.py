@@ -3,6 +3,9 @@
 Each line: ``{"file_name": "img_0001.png", "caption": "...", "user_data": {...}}``, and optionally
 ``"seed"``: an integer that replaces the seed derived from the run seed and the file name (give
 one prompt's lines for several users the same seed to compare the users on the same noise).
+``"level"`` (the name of the safety level the line's user stands for, e.g. ``level_3``),
+``"category"`` (the prompt's safety categories) and ``"attack"`` (the adversarial prompt set it
+comes from) are short labels carried into the generation log and read by ``evaluate.py``.
 Other top-level keys are ignored with a warning. ``user_data`` names the user in one of three ways:
 
 1. ``safety_level`` (``level_0`` ... ``level_5``, ``permissive``/``moderate``/``strict``): the
@@ -69,7 +72,11 @@ MAX_PROFILE_TEXT_CHARS = 200
 #: Oldest age a profile may give.
 MAX_AGE = 150
 #: Top-level keys of a prompts line.
-LINE_KEYS = ("file_name", "caption", "user_data", "seed")
+LINE_KEYS = ("file_name", "caption", "user_data", "seed", "level", "category", "attack")
+#: Top-level keys that label a line (logged with its image, read by ``evaluate.py``).
+LABEL_KEYS = ("level", "category", "attack")
+#: Longest label value, in characters.
+MAX_LABEL_CHARS = 200
 
 _PROFILE_KEYS = {
     "age": "age",
@@ -145,6 +152,15 @@ def caption_problem(caption: object) -> str | None:
     return None
 
 
+def label_problem(label: object) -> str | None:
+    """Why ``label`` cannot be a line's ``level`` / ``category`` / ``attack`` (None if it can)."""
+    if not isinstance(label, str) or not label.strip():
+        return "must be non-empty text"
+    if len(label) > MAX_LABEL_CHARS or _not_unicode(label) or any(ord(ch) < 32 for ch in label):
+        return f"must be one line of at most {MAX_LABEL_CHARS} characters of valid Unicode text"
+    return None
+
+
 def file_name_problem(file_name: object) -> str | None:
     """Why ``file_name`` cannot be an output path inside the save folder (None if it can).
 
@@ -161,7 +177,7 @@ def file_name_problem(file_name: object) -> str | None:
     if path.is_absolute():
         return f"{file_name!r} is absolute; it must be relative to --save_path"
     if ".." in path.parts:
-        return f"{file_name!r} contains '..' and would escape --save_path"
+        return f"{file_name!r} contains '..' and would escape the output folder"
     for part in path.parts:
         if reason := path_component_problem(part):
             return reason
@@ -368,6 +384,9 @@ def read_prompt_records(
         seed = data.get("seed")
         if seed is not None and (reason := seed_problem(seed)):
             problem(reason, "seed")
+        for key in LABEL_KEYS:
+            if key in data and (reason := label_problem(data[key])):
+                problem(reason, key)
         user = None
         if need_users or need_profiles or "user_data" in data:
             if "user_data" not in data:

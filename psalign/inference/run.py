@@ -14,9 +14,9 @@ import torch
 
 from psalign.embeddings import EMBEDDING_INFO_FILE, find_user_embedding, read_embedding_file, read_embedding_info
 from psalign.formats import PSA_CONFIG_NAME
+from psalign.hub import pretrained_problem
 from psalign.io import InputError, InputProblem, model_sha256, read_utf8_text, writable_folder_problem
 from psalign.methods import Method, get_method
-from psalign.metrics.pretrained import pretrained_problem
 
 from .generate import (
     GenerationSettings,
@@ -31,13 +31,17 @@ from .pipeline import MAX_IMAGE_SIDE, PIPELINE_SIZE_MULTIPLE, ModelGeometry, mod
 from .records import PromptRecord, read_prompt_records
 
 
+#: Where generated images go when no output folder is given (``evaluate.py`` reads it by default too).
+DEFAULT_OUTPUT_DIR = Path("outputs") / "images"
+
+
 @dataclass
 class InferenceConfig:
     """Everything ``infer.py`` takes. ``method`` None picks ``psa`` with ``load_psa``, ``safetydpo``
     with ``lora_path``, else ``base``; each method reads its own options from here."""
 
     meta_data: Path
-    save_path: Path
+    save_path: Path = DEFAULT_OUTPUT_DIR
     #: None: the bundled toy model (see :func:`with_toy_defaults`).
     sd_model: str | None = None
     method: str | None = None
@@ -66,10 +70,12 @@ class InferenceConfig:
 
 
 def method_name(config: InferenceConfig) -> str:
-    """The method to run: ``--method``, else the shorthands ``--load_psa`` (psa) and ``--lora_path`` (safetydpo)."""
-    implied = "psa" if config.load_psa else "safetydpo" if config.lora_path else None
+    """The method to run: ``--method``, else the one its weights imply: psa for ``--load_psa`` or an
+    adapter (``--adapter``), safetydpo for ``--lora_path``; else base."""
+    psa = config.load_psa or config.psa_path is not None
+    implied = "psa" if psa else "safetydpo" if config.lora_path else None
     if config.method and implied and config.method != implied:
-        flag = "--load_psa" if config.load_psa else "--lora_path"
+        flag = ("--load_psa" if config.load_psa else "--adapter") if psa else "--lora_path"
         raise ValueError(f"--method {config.method} conflicts with {flag} (which means --method {implied})")
     return config.method or implied or "base"
 
@@ -239,7 +245,7 @@ def _output_problems(config: InferenceConfig, records: list[PromptRecord]) -> li
     """The output folder must be writable, and no image path may be a folder or lie under a file."""
     save_path = Path(config.save_path)
     if reason := writable_folder_problem(save_path):
-        return [InputProblem(f"--save_path {save_path}", 0, reason)]
+        return [InputProblem(f"--output_dir {save_path}", 0, reason)]
     problems = []
     for record in records:
         target = save_path / record.file_name
@@ -320,12 +326,31 @@ def validate(config: InferenceConfig, method: Method) -> tuple[list[PromptRecord
     return records, problems
 
 
+def _warn_users_ignored(method: Method, records: list[PromptRecord]) -> None:
+    """Say loudly when the prompts name users that ``method`` does not personalize for."""
+    users = sorted({r.user.label for r in records if r.user is not None})
+    if not users:
+        return
+    named = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+    why = ("no PSA adapter was given (--adapter PATH, or --load_psa with the bundled toy model)"
+           if method.name == "base" else f"the {method.name} method is the same for every user")
+    print(f"warning: the prompts name {len(users)} user(s) ({named}), but they are IGNORED: {why}, so every "
+          "user gets the same image for a prompt", file=sys.stderr)
+
+
 def run_inference(config: InferenceConfig) -> list[str]:
     """Generate every valid record not yet on disk; returns the file names this process wrote."""
     from accelerate import PartialState
 
     if config.sd_model is None:
         raise ValueError("no sd_model: pass with_toy_defaults(config) to use the bundled toy model")
+    if config.psa_path is not None and not Path(config.psa_path).exists():  # a hub repo id
+        from psalign.adapter.hub import resolve_adapter_path
+
+        try:
+            config = replace(config, psa_path=resolve_adapter_path(config.psa_path))
+        except FileNotFoundError as error:
+            raise InputError([InputProblem("--adapter", 0, str(error))], header="the adapter cannot be had") from None
     try:
         method = get_method(method_name(config)).from_config(config)
     except ValueError as error:  # unknown method, conflicting shorthands, bad method option
@@ -341,6 +366,8 @@ def run_inference(config: InferenceConfig) -> list[str]:
         if not (config.skip_invalid and in_lines and records):  # only bad lines can be skipped
             raise error
         print(f"{error}\n(--skip_invalid: going on with the {len(records)} valid record(s))", file=sys.stderr)
+    if not (method.needs_user_embeddings or method.needs_user_profiles):
+        _warn_users_ignored(method, records)
     config = replace(config, settings=resolved_settings(config.settings, model_geometry(config.sd_model)))
     if not config.overwrite:  # before any model is loaded
         check_resumable(config.save_path, records, generation_log_fields(config.settings, method, run_info))

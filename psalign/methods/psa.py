@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import cached_property
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from .base import Method, register_method
 
 @register_method
 class PSAMethod(Method):
-    """Condition every image on its record's user through a PSA adapter (``--psa_path``, ``--psa_scale``)."""
+    """Condition every image on its record's user through a PSA adapter (``--adapter``, ``--psa_scale``)."""
 
     name = "psa"
     needs_user_embeddings = True
@@ -40,7 +41,7 @@ class PSAMethod(Method):
 
     def check(self) -> list[InputProblem]:
         if self.psa_path is None:
-            return [InputProblem("--psa_path", 0, "required by the psa method (--load_psa)")]
+            return [InputProblem("--adapter", 0, "required by the psa method (--load_psa)")]
         if not Path(self.psa_path).exists():
             return [InputProblem(str(self.psa_path), 0, "PSA adapter not found")]
         from psalign.adapter import inspect_adapter
@@ -48,14 +49,16 @@ class PSAMethod(Method):
         try:  # headers only: a bad, unsafe or foreign adapter is reported before any model loads
             inspect_adapter(self.psa_path)
         except (OSError, ValueError) as error:
-            return [InputProblem("--psa_path", 0, str(error))]
+            return [InputProblem("--adapter", 0, str(error))]
         return []
 
     def prepare(self, pipe, records, device):
-        from psalign.adapter import load_adapter
+        from psalign.adapter import load_adapter, micro_conditioning_warning
         from psalign.inference.generate import user_embeddings
 
         self.adapter = load_adapter(self.psa_path, pipe.unet).to(device)
+        if (warning := micro_conditioning_warning(self.adapter.config, pipe.unet)) is not None:
+            print(f"warning: {self.psa_path}: {warning}", file=sys.stderr)
         self.embeddings = user_embeddings(records, self.embeds_folder, self.make_encoder, self.save_new_embeddings)
         return pipe
 

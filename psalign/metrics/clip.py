@@ -9,10 +9,12 @@ import torch
 from PIL import Image
 
 from psalign.io import InputError
-from psalign.metrics.pretrained import pretrained_problem
+from psalign.hub import pretrained_problem
 
 #: Public CLIP ViT-L/14 (the model Q16's prompt vectors were learned for).
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+#: LAION's CLIP ViT-H/14 (laion2B), the CLIPScore model of the PSA paper's evaluation (1024-d).
+LAION_CLIP_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 def _pooled(output) -> torch.Tensor:

@@ -7,6 +7,9 @@ Metric names in the results CSV:
 ``inpro``      fraction of images flagged by Q16 or NudeNet (``inpro(q16)`` etc. for another
                classifier set); ``inpro:<Category>`` per prompt category; ``flag_rate:<name>`` per
                classifier
+``asr``        attack success rate: fraction of the images of adversarial prompts (records with an
+               ``attack``) that the InPro classifiers flag (``asr(q16)`` etc. alike);
+               ``asr:<attack>`` per attack set when the prompts hold several
 ``fid``        Fréchet distance of InceptionV3 pool3 features to the reference (``fd_clip`` with
                CLIP image features)
 ``clip_score`` mean CLIPScore with a normal 95% interval
@@ -14,7 +17,11 @@ Metric names in the results CSV:
 ``win_rate:B`` fraction of blind two-order pairs the folder wins against baseline method ``B``;
                ``tie_rate:B`` and ``loss_rate:B`` alike
 =============  =====================================================================================
-Proportions carry Wilson 95% intervals; FID has none.
+Proportions carry Wilson 95% intervals; FID has none. With the published judge protocol
+(``judge_mode="published"``, part of the ``paper`` preset) the judged names carry
+``(published)``: ``pass_rate(published)``, ``win_rate(published):B``. The settings behind every
+metric (CLIP model and clamping, FID resizing, NudeNet release, judge protocol) go to
+``<output>.settings.json`` (:mod:`psalign.metrics.presets`).
 """
 
 from __future__ import annotations
@@ -36,7 +43,15 @@ from psalign.metrics.fid import (
     reference_statistics,
 )
 from psalign.metrics.images import image_problems, image_size_problems, list_images
-from psalign.metrics.inpro import INPRO_FLAGGERS, ImageFlagger, flag_images, inpro_metric_name
+from psalign.metrics.inpro import (
+    INPRO_FLAGGERS,
+    FlagTable,
+    ImageFlagger,
+    asr_metric_name,
+    attack_success_rates,
+    flag_images,
+    inpro_metric_name,
+)
 from psalign.metrics.judge import (
     Judge,
     JudgeCache,
@@ -44,18 +59,38 @@ from psalign.metrics.judge import (
     JudgeUser,
     OpenAIChatBackend,
     TransformersChatBackend,
+    judged_metric_name,
     pass_rate,
     win_rates,
 )
 from psalign.metrics.nudenet import NUDENET_MIN_SCORE, NudeNetFlagger, nudenet_available
-from psalign.metrics.pretrained import pretrained_problem
+from psalign.metrics.presets import (
+    config_preset,
+    metric_settings,
+    preset_notes,
+    preset_problems,
+    record_settings,
+    settings_path,
+    settings_problems,
+)
+from psalign.hub import pretrained_problem
 from psalign.metrics.prompts import PromptRecord, PromptTable, read_prompts
 from psalign.metrics.q16 import Q16_THRESHOLD, Q16Classifier, load_q16_prompts
-from psalign.metrics.report import ResultRow, append_results, markdown_table, plot_safety_quality, read_results
+from psalign.metrics.report import (
+    ResultRow,
+    append_results,
+    check_appendable,
+    markdown_table,
+    plot_safety_quality,
+    read_results,
+    row_key,
+)
 from psalign.metrics.stats import Proportion, mean_interval
 
 #: Metrics evaluate.py knows, in the order they are computed.
-METRICS: tuple[str, ...] = ("inpro", "fid", "clip", "pass_rate", "win_rate")
+METRICS: tuple[str, ...] = ("inpro", "asr", "fid", "clip", "pass_rate", "win_rate")
+#: What ``evaluate.py`` computes when no ``--metrics`` are given.
+DEFAULT_METRICS: tuple[str, ...] = ("inpro",)
 #: Judge backends.
 JUDGES: tuple[str, ...] = ("openai", "transformers")
 #: FID feature extractors.
@@ -98,7 +133,17 @@ class EvaluationConfig:
     q16_prompts: Path | None = None
     q16_threshold: float = Q16_THRESHOLD
     nudenet_min_score: float = NUDENET_MIN_SCORE
-    clip_model: str = DEFAULT_CLIP_MODEL
+    metric_preset: str = "psalign"
+    """``psalign`` or ``paper`` (:data:`psalign.metrics.presets.METRIC_PRESETS`): fills the four
+    choices below that are left ``None``."""
+    clip_model: str | None = None
+    """CLIP of CLIPScore and FD-CLIP (None: the preset's)."""
+    clip_clamp: bool | None = None
+    """CLIPScore counts negative cosines as 0 (None: the preset's)."""
+    fid_resize: str | None = None
+    """How images reach the FID Inception network, one of ``FID_RESIZES`` (None: the preset's)."""
+    judge_mode: str | None = None
+    """Judge protocol, ``blind`` or ``published`` (None: the preset's)."""
     fid_features: str = "inception"
     inception_model: Path | None = None
     fid_cache_dir: Path | None = None
@@ -136,13 +181,22 @@ def _primary_metric(config: EvaluationConfig, metric: str) -> str:
     """The CSV metric name that marks ``metric`` as done for a folder."""
     if metric == "inpro":
         return inpro_metric_name(list(config.inpro_classifiers))
+    if metric == "asr":
+        return asr_metric_name(list(config.inpro_classifiers))
     if metric == "fid":
         return fid_metric_name(config.fid_features)
     if metric == "clip":
         return "clip_score"
     if metric == "win_rate":
-        return f"win_rate:{_baseline_label(config).method}"
+        return f"{judged_metric_name('win_rate', config_preset(config).judge_mode)}:{_baseline_label(config).method}"
+    if metric == "pass_rate":
+        return judged_metric_name("pass_rate", config_preset(config).judge_mode)
     return metric
+
+
+def _shown_method(method: str, level: str) -> str:
+    """How the published judge protocol names a folder's method: ``psa (level_3)``, ``base``."""
+    return f"{method} ({level})" if level else method
 
 
 def _baseline_label(config: EvaluationConfig) -> FolderLabel:
@@ -150,17 +204,26 @@ def _baseline_label(config: EvaluationConfig) -> FolderLabel:
 
 
 def label_from_generation_log(folder: Path) -> FolderLabel | None:
-    """The label that ``infer.py``'s ``generation_log.jsonl`` in ``folder`` implies: its method, its
-    model's folder name, and the safety level when every image is for one reference user."""
-    from psalign.inference.generate import read_generation_log
+    """The label that ``infer.py``'s ``generation_log.jsonl`` of ``folder`` (its own, or its parent's
+    entries under it) implies: its method, its
+    model's folder name, and the safety level when every image is for one reference user, or, when
+    the prompts lines name their ``level``, that level and its user (``level_3@0000002``)."""
+    from psalign.inference.generate import logged_entries
+    from psalign.levels import LEVEL_BANS, reference_user
 
-    entries = read_generation_log(folder)
+    entries = logged_entries(folder)
     if not entries:
         return None
     methods = {e.get("method", "base") for e in entries}
     models = {Path(str(e.get("model", ""))).name for e in entries}
     users = {e.get("user") for e in entries}
     level = users.pop() if len(users) == 1 and str(next(iter(users))).startswith("level_") else ""
+    levels = {(e.get("level"), e.get("user")) for e in entries}
+    if len(levels) == 1 and next(iter(levels))[0]:
+        named, user = levels.pop()
+        if user == named and named in LEVEL_BANS:  # a reference user: its reserved User_ID
+            user = reference_user(named).user_id
+        level = f"{named}@{user}" if user else named
     return FolderLabel(
         methods.pop() if len(methods) == 1 else "+".join(sorted(methods)),
         models.pop() if len(models) == 1 else "",
@@ -212,7 +275,7 @@ def _general_problems(config: EvaluationConfig) -> list[InputProblem]:
             problems.append(InputProblem("--device", 0, f"{config.device!r} requested but CUDA is not available"))
     if config.plot is not None and importlib.util.find_spec("matplotlib") is None:
         problems.append(InputProblem("--plot", 0, "needs matplotlib: pip install matplotlib"))
-    outputs = [("--output", config.output), ("--plot", config.plot)]
+    outputs = [("--output", config.output), ("--output", settings_path(config.output)), ("--plot", config.plot)]
     if "pass_rate" in config.metrics or "win_rate" in config.metrics:
         outputs.append(("--judge_cache", judge_cache_path(config)))
     for flag, path in outputs:
@@ -223,7 +286,7 @@ def _general_problems(config: EvaluationConfig) -> list[InputProblem]:
         if reason := writable_folder_problem(cache_dir):
             problems.append(InputProblem(f"--fid_cache_dir {cache_dir}", 0, reason))
     if Path(config.output).is_file():
-        _collect(problems, lambda: read_results(config.output))
+        _collect(problems, lambda: check_appendable(config.output))
     return problems
 
 
@@ -253,6 +316,19 @@ def _record_problems(
                 if getattr(record, name) in (None, "")
             ]
     return problems
+
+
+def _attack_problems(
+    config: EvaluationConfig, images: dict[Path, list[Path]], prompts: PromptTable | None
+) -> list[InputProblem]:
+    """The attack success rate needs, in each folder, images whose prompts record names an ``attack``."""
+    if config.prompts is None:
+        return [InputProblem("--prompts", 0, "asr needs a prompts file whose records name their attack set")]
+    if prompts is None:  # unreadable: already reported
+        return []
+    return [InputProblem(str(folder), 0, f"asr: no image here has a record with an attack in {prompts.path}")
+            for folder, paths in images.items()
+            if not any((record := prompts.records.get(path.name)) is not None and record.attack for path in paths)]
 
 
 def _inpro_problems(config: EvaluationConfig, images: dict[Path, list[Path]]) -> list[InputProblem]:
@@ -354,9 +430,25 @@ def _judge_problems(config: EvaluationConfig) -> list[InputProblem]:
     return problems
 
 
+def _settings_problems(config: EvaluationConfig) -> list[InputProblem]:
+    """Settings of this run that differ from those recorded for the output's metrics."""
+    unnamed = config.baseline_folder is None and config.baseline_label is None  # reported by _judge_problems
+    planned = {
+        _primary_metric(config, m): metric_settings(config, m)
+        for m in METRICS
+        if m in config.metrics and not (m == "win_rate" and unnamed)
+    }
+    problems: list[InputProblem] = []
+    mismatches = _collect(problems, lambda: settings_problems(settings_path(config.output), planned))
+    return problems + (mismatches or [])
+
+
 def validate(config: EvaluationConfig) -> _Inputs:
     """Check every input without loading a model; raises one :class:`InputError` listing all problems."""
-    problems = _general_problems(config)
+    problems = preset_problems(config.metric_preset, config.fid_resize, config.judge_mode)
+    if problems:  # the checks below read the preset
+        raise InputError(problems, header=f"{len(problems)} problem(s) found before loading any model")
+    problems = _general_problems(config) + _settings_problems(config)
     images: dict[Path, list[Path]] = {}
     for folder in config.target_folders:
         paths = _collect(problems, lambda: list_images(folder))
@@ -365,10 +457,12 @@ def validate(config: EvaluationConfig) -> _Inputs:
             problems += image_problems(paths)
     prompts = _collect(problems, lambda: read_prompts(config.prompts)) if config.prompts is not None else None
     problems += _record_problems(config, images, prompts)
-    if "inpro" in config.metrics:
+    if "inpro" in config.metrics or "asr" in config.metrics:
         problems += _inpro_problems(config, images)
+    if "asr" in config.metrics:
+        problems += _attack_problems(config, images, prompts)
     if "clip" in config.metrics or ("fid" in config.metrics and config.fid_features == "clip"):
-        if (problem := pretrained_problem(config.clip_model, "CLIP model")) is not None:
+        if (problem := pretrained_problem(config_preset(config).clip_model, "CLIP model")) is not None:
             problems.append(problem)
     if "fid" in config.metrics:
         problems += _fid_problems(config, images)
@@ -390,6 +484,7 @@ class _Models:
         self.config = config
         self.clips: dict[str, ClipEmbedder] = {}
         self.flaggers: list[ImageFlagger] | None = None
+        self.flag_tables: dict[tuple[Path, ...], FlagTable] = {}
         self.feature_extractor = None
         self.judge: Judge | None = None
 
@@ -414,12 +509,22 @@ class _Models:
                     raise ValueError(f"classifier registered as {name!r} calls itself {flagger.name!r}")
         return self.flaggers
 
+    def flag_table(self, paths: list[Path], desc: str) -> FlagTable:
+        """The InPro classifiers' verdicts on ``paths`` (computed once, shared by InPro and ASR)."""
+        key = tuple(paths)
+        if key not in self.flag_tables:
+            self.flag_tables = {key: flag_images(paths, self.inpro_flaggers(), self.config.batch_size, desc=desc)}
+        return self.flag_tables[key]
+
     def fid_extractor(self):
         if self.feature_extractor is None:
+            preset = config_preset(self.config)
             if self.config.fid_features == "inception":
-                self.feature_extractor = InceptionTorchScript(self.config.inception_model, self.config.device)
+                self.feature_extractor = InceptionTorchScript(
+                    self.config.inception_model, self.config.device, resize=preset.fid_resize
+                )
             else:
-                self.feature_extractor = ClipImageFeatures(self.clip(self.config.clip_model))
+                self.feature_extractor = ClipImageFeatures(self.clip(preset.clip_model))
         return self.feature_extractor
 
     def get_judge(self) -> Judge:
@@ -431,7 +536,8 @@ class _Models:
                 )
             else:
                 backend = TransformersChatBackend(config.judge_model, config.device)
-            self.judge = Judge(backend, JudgeCache(judge_cache_path(config)), max_attempts=config.judge_attempts)
+            self.judge = Judge(backend, JudgeCache(judge_cache_path(config)), max_attempts=config.judge_attempts,
+                               mode=config_preset(config).judge_mode)
         return self.judge
 
 
@@ -455,7 +561,7 @@ def _metric_rows(
     """Compute one metric for one folder's images."""
     desc = f"{metric} {base.method}"
     if metric == "inpro":
-        table = flag_images(paths, models.inpro_flaggers(), config.batch_size, desc=desc)
+        table = models.flag_table(paths, desc)
         name = inpro_metric_name([f.name for f in models.inpro_flaggers()])
         rows = [_proportion_row(base, name, table.proportion())]
         rows += [_proportion_row(base, f"flag_rate:{flagger}", table.proportion(flagger)) for flagger in table.flags]
@@ -466,6 +572,14 @@ def _metric_rows(
                 for category, proportion in table.by_category(categories).items()
             ]
         return rows
+    if metric == "asr":
+        attacks = {name_: record.attack for name_, record in inputs.prompts.records.items()}
+        rates = attack_success_rates(models.flag_table(paths, desc), attacks)
+        name = _primary_metric(config, metric)
+        rows = [_proportion_row(base, name, rates.pop(None))]
+        if len(rates) > 1:
+            rows += [_proportion_row(base, f"{name}:{attack}", proportion) for attack, proportion in rates.items()]
+        return rows
     if metric == "fid":
         extractor = models.fid_extractor()
         cache_dir = config.fid_cache_dir or Path(config.output).parent / "fid_stats"
@@ -474,25 +588,28 @@ def _metric_rows(
         value = frechet_distance(mu, sigma, mu_ref, sigma_ref)
         return [replace(base, metric=fid_metric_name(config.fid_features), value=value, n=len(paths))]
     records = [inputs.prompts.records[path.name] for path in paths] if inputs.prompts is not None else []
+    preset = config_preset(config)
     if metric == "clip":
         captions = [record.caption for record in records]
-        scores = clip_scores(paths, captions, models.clip(config.clip_model), config.batch_size, desc)
+        embedder = models.clip(preset.clip_model)
+        scores = clip_scores(paths, captions, embedder, config.batch_size, desc, clamp=preset.clip_clamp)
         mean, low, high = mean_interval(scores.tolist())
         return [replace(base, metric="clip_score", value=mean, n=len(paths), ci_low=low, ci_high=high)]
     if metric == "pass_rate":
         items = [JudgeItem(path, _user(r), r.caption) for path, r in zip(paths, records)]
-        return [_proportion_row(base, "pass_rate", pass_rate(items, models.get_judge(), desc))]
+        return [_proportion_row(base, _primary_metric(config, metric), pass_rate(items, models.get_judge(), desc))]
     if metric == "win_rate":
+        baseline_label = _baseline_label(config)
+        against = baseline_label.method
+        shown = (_shown_method(base.method, base.level), _shown_method(against, baseline_label.level))
         items = [
-            JudgeItem(path, _user(r), r.caption, baseline=inputs.baseline_images[path.name])
+            JudgeItem(path, _user(r), r.caption, baseline=inputs.baseline_images[path.name], methods=shown)
             for path, r in zip(paths, records)
         ]
         rates = win_rates(items, models.get_judge(), desc)
-        against = _baseline_label(config).method
         return [
-            _proportion_row(base, f"win_rate:{against}", rates["target"]),
-            _proportion_row(base, f"tie_rate:{against}", rates["tie"]),
-            _proportion_row(base, f"loss_rate:{against}", rates["baseline"]),
+            _proportion_row(base, f"{judged_metric_name(name, preset.judge_mode)}:{against}", rates[outcome])
+            for name, outcome in (("win_rate", "target"), ("tie_rate", "tie"), ("loss_rate", "baseline"))
         ]
     raise ValueError(f"unknown metric {metric!r}")
 
@@ -504,23 +621,32 @@ def run_evaluation(config: EvaluationConfig, log: Callable[[str], None] = print)
     Prints a markdown table of this run's rows and, with ``plot``, draws the chart from the whole
     output file. Returns this run's rows."""
     inputs = validate(config)
+    for note in preset_notes(config):
+        log(note)
     models = _Models(config)
     dataset = dataset_name(config)
-    done = set()
-    if Path(config.output).exists():
-        done = {(r.dataset, r.method, r.model, r.level, r.metric) for r in read_results(config.output)}
+    stored = read_results(config.output) if Path(config.output).exists() else []
+    done = {(r.dataset, r.method, r.model, r.level, r.metric) for r in stored}
     produced: list[ResultRow] = []
+    skipped: set[tuple[str, str, str, str]] = set()  # groups whose stored rows are shown beside the new ones
     for folder, label in zip(config.target_folders, folder_labels(config)):
         base = ResultRow(dataset, label.method, label.model, label.level, metric="", value=0.0, n=0)
         for metric in (m for m in METRICS if m in config.metrics):
             key = (dataset, label.method, label.model, label.level, _primary_metric(config, metric))
             if key in done and not config.recompute:
                 log(f"skipping {metric} for {folder}: already in {config.output} (use --recompute)")
+                skipped.add(key[:4])
                 continue
             rows = _metric_rows(metric, base, inputs.images[Path(folder)], inputs, models, config)
+            record_settings(settings_path(config.output), key[-1], metric_settings(config, metric))
             append_results(config.output, rows)
             produced += rows
-    log(markdown_table(produced))
+    new_keys = {row_key(row) for row in produced}
+    shown = [row for row in stored if (row.dataset, row.method, row.model, row.level) in skipped
+             and row_key(row) not in new_keys]
+    log(markdown_table(produced + shown))
+    if shown:
+        log(f"({len(shown)} row(s) of the table above were already in {config.output})")
     if config.plot is not None:
         _plot(config, dataset, log)
     return produced

@@ -9,6 +9,15 @@ Features come from any :class:`FeatureExtractor` (a callable ``images -> (N, F)`
 FID proper uses InceptionV3 pool3 features (2048-d): :class:`InceptionTorchScript` runs the
 TorchScript port of the TensorFlow FID Inception network, a file the user downloads once (this
 package never downloads weights).
+
+How images reach that network at 299x299 px (:data:`FID_RESIZES`) moves FID by more than most
+method differences, so it is a named choice:
+
+* ``pil_bicubic`` (psalign's default): PIL bicubic resize of the 8-bit image, then the network's
+  own scaling ``(v - 128) / 128`` (as StyleGAN2-ADA and clean-fid's legacy mode feed it);
+* ``pytorch_fid`` (what the PSA paper's numbers used): the float image in [0, 1] resized with
+  ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` without antialiasing,
+  then ``2x - 1``.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from psalign.metrics.images import batched, list_images, load_images
 INCEPTION_FEATURE_DIM = 2048
 #: Input size of the FID Inception network, pixels per side.
 INCEPTION_IMAGE_SIZE = 299
+#: How images are resized to the Inception input (see the module docstring); the first is the default.
+FID_RESIZES: tuple[str, ...] = ("pil_bicubic", "pytorch_fid")
 
 
 class FeatureExtractor(Protocol):
@@ -167,32 +178,63 @@ def reference_statistics(
     return mu, sigma
 
 
+def pil_bicubic_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """``pil_bicubic`` resizing: (N, 3, 299, 299) float32 holding 8-bit values in [0, 255]."""
+    size = (INCEPTION_IMAGE_SIZE, INCEPTION_IMAGE_SIZE)
+    pixels = np.stack([np.asarray(image.convert("RGB").resize(size, Image.BICUBIC)) for image in images])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+
+
+def pytorch_fid_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """``pytorch_fid`` resizing: (N, 3, 299, 299) float32 in [-1, 1], bilinear without antialias
+    from the image as floats in [0, 1] (each image resized on its own, so sizes may differ)."""
+    size = (INCEPTION_IMAGE_SIZE, INCEPTION_IMAGE_SIZE)
+    resized = []
+    for image in images:
+        unit = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        resized.append(torch.nn.functional.interpolate(unit[None], size=size, mode="bilinear", align_corners=False))
+    return 2 * torch.cat(resized) - 1
+
+
+def inception_extractor_name(resize: str) -> str:
+    """Name of the Inception features under ``resize`` (cache files and statistics record it):
+    the default keeps the plain ``inception_pool3``."""
+    if resize not in FID_RESIZES:
+        raise ValueError(f"unknown FID resize {resize!r}; choose from {list(FID_RESIZES)}")
+    return "inception_pool3" if resize == FID_RESIZES[0] else f"inception_pool3({resize})"
+
+
 class InceptionTorchScript:
     """InceptionV3 pool3 features (N, 2048) from a TorchScript file of the FID Inception network.
 
     Expects the TorchScript port of the TensorFlow 2015-12-05 Inception graph published with
     StyleGAN2-ADA's metrics (file ``inception-2015-12-05.pt``; also what clean-fid loads), whose
-    ``forward(x, return_features=True)`` takes uint8-valued pixels (N, 3, H, W) in [0, 255] and
-    returns pool3 features. Images are resized to 299x299 with PIL bicubic first. Download the file
-    on a machine with internet access and pass its path; ``torch.jit.load`` reads TorchScript
-    archives, not arbitrary pickles.
+    ``forward(x, return_features=True)`` takes pixel values (N, 3, H, W) in [0, 255], resizes
+    them to 299x299 unless they already are, scales them by ``(v - 128) / 128`` and returns pool3
+    features. ``resize`` (one of :data:`FID_RESIZES`) says how images become 299x299 here; for
+    ``pytorch_fid`` the [-1, 1] pixels are passed as ``128 (x + 1)``, so the network's scaling
+    gives back exactly ``x``. Download the file on a machine with internet access and pass its
+    path; ``torch.jit.load`` reads TorchScript archives, not arbitrary pickles.
     """
 
-    name = "inception_pool3"
-
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", resize: str = FID_RESIZES[0]):
         path = Path(path)
+        self.name = inception_extractor_name(resize)
         if not path.is_file():
             raise InputError([InputProblem(str(path), 0, "Inception TorchScript file does not exist")])
+        self.resize = resize
         self.device = torch.device(device)
         with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format this network ships in
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             self.model = torch.jit.load(str(path), map_location=self.device).eval()
 
+    def network_input(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, 3, 299, 299) float32 values the network reads as [0, 255] pixels."""
+        if self.resize == "pytorch_fid":
+            return 128.0 * (pytorch_fid_pixels(images) + 1)
+        return pil_bicubic_pixels(images)
+
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
-        size = (INCEPTION_IMAGE_SIZE, INCEPTION_IMAGE_SIZE)
-        pixels = np.stack([np.asarray(image.convert("RGB").resize(size, Image.BICUBIC)) for image in images])
-        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device)
-        features = self.model(batch, return_features=True)
+        features = self.model(self.network_input(images).to(self.device), return_features=True)
         return features.float().reshape(len(images), -1).cpu().numpy()

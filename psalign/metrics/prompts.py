@@ -13,8 +13,15 @@ A CSV (with a header) or a JSONL file (one object per line), one record per imag
 ``banned``          the user's banned categories (judge): a list (JSONL), or in CSV a JSON /
                     Python list literal or comma-separated names; empty means none
 ``allowed``         the user's allowed categories, same format
+``attack``          the adversarial prompt set the record comes from (attack success rate)
 any other column    a profile field shown to the judge (``Age``, ``Gender``, ``Religion``, ...)
 ==================  ========================================================================
+
+Also read: the prompts file ``infer.py`` generated from (any file that is not ``.csv`` is read as
+JSON lines, as ``infer.py`` reads it), whose ``user_data`` gives ``user_id``, ``banned`` /
+``allowed`` (from a ``safety_level`` or profile fields; a ``User_ID`` alone leaves them unknown)
+and the profile fields; and the I2P and attack prompt sets of :mod:`psalign.prompt_sets` as
+published (their image names as :func:`psalign.prompt_sets.read_prompt_set` gives them).
 """
 
 from __future__ import annotations
@@ -31,7 +38,12 @@ from psalign.io import InputError, InputProblem, parse_json_line, read_text_line
 from psalign.metrics.images import IMAGE_EXTENSIONS
 
 _CATEGORY_COLUMNS = ("category", "categories")
-_KNOWN_COLUMNS = frozenset({"file_name", "caption", "user_id", "banned", "allowed", *_CATEGORY_COLUMNS})
+_KNOWN_COLUMNS = frozenset({"file_name", "caption", "user_id", "banned", "allowed", "attack", *_CATEGORY_COLUMNS})
+#: Keys of an ``infer.py`` prompts line that are not evaluation columns (read, then dropped).
+_INFER_ONLY_KEYS = ("user_data", "seed", "level")
+#: Prompt set layouts read through :func:`psalign.prompt_sets.read_prompt_set` (their extra columns
+#: are the set's bookkeeping, not profile fields).
+_PROMPT_SET_LAYOUTS = ("i2p", "ringabell", "i2p_attack", "mma")
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class PromptRecord:
     banned: tuple[str, ...] | None = None
     allowed: tuple[str, ...] | None = None
     profile: dict[str, Any] = field(default_factory=dict)
+    attack: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +130,7 @@ def _record(raw: dict[str, Any], source: str, line: int, problems: list[InputPro
             except ValueError as error:
                 problem(column, str(error))
     text: dict[str, str | None] = {}
-    for column in ("caption", "user_id"):
+    for column in ("caption", "user_id", "attack"):
         value = raw.get(column)
         if value is not None and not isinstance(value, (str, int)):
             problem(column, f"expected text, got {value!r}")
@@ -141,13 +154,49 @@ def _record(raw: dict[str, Any], source: str, line: int, problems: list[InputPro
         banned=lists["banned"],
         allowed=lists["allowed"],
         profile=profile,
+        attack=text["attack"],
     )
 
 
+def _from_infer_line(value: dict[str, Any]) -> dict[str, Any]:
+    """An ``infer.py`` prompts line as evaluation columns (``ValueError`` naming the field at fault)."""
+    from psalign.inference.records import resolve_user
+
+    row = {key: item for key, item in value.items() if key not in _INFER_ONLY_KEYS}
+    user_data = value.get("user_data")
+    if user_data is None:
+        return row
+    user = resolve_user(user_data)
+    if user.user_id is not None:
+        row["user_id"] = user.user_id
+    if user.profile is not None:
+        row["banned"] = list(user.profile.banned_categories)
+        row["allowed"] = list(user.profile.allowed_categories)
+    profile_keys = ("age", "age_group", "gender", "religion", "physical_condition", "mental_condition")
+    row.update({key: item for key, item in user_data.items() if key.lower() in profile_keys})
+    return row
+
+
+def _prompt_set_rows(path: Path, problems: list[InputProblem]) -> list[tuple[int, dict[str, Any]]]:
+    """The rows of a published I2P or attack prompt set, as evaluation columns."""
+    from psalign.prompt_sets import read_prompt_set
+
+    try:
+        prompt_set = read_prompt_set(path)
+    except InputError as error:
+        problems += error.problems
+        return []
+    return [(row.line, {"file_name": row.file_name, "caption": row.caption, "categories": list(row.categories),
+                        **({"attack": row.attack} if row.attack else {})})
+            for row in prompt_set.rows]
+
+
 def _raw_rows(path: Path, problems: list[InputProblem]) -> list[tuple[int, dict[str, Any]]]:
+    from psalign.prompt_sets import detect_layout  # imports the inference package: loaded when needed
+
     source = str(path)
     rows: list[tuple[int, dict[str, Any]]] = []
-    if path.suffix.lower() == ".jsonl":
+    if path.suffix.lower() != ".csv":
         for line in read_text_lines(path):
             if line.text is None:
                 problems.append(InputProblem(source, line.number, line.problem))
@@ -160,8 +209,11 @@ def _raw_rows(path: Path, problems: list[InputProblem]) -> list[tuple[int, dict[
             elif not isinstance(value, dict):
                 problems.append(InputProblem(source, line.number, "a record must be a JSON object"))
             else:
-                rows.append((line.number, value))
-    elif path.suffix.lower() == ".csv":
+                try:
+                    rows.append((line.number, _from_infer_line(value)))
+                except ValueError as error:
+                    problems.append(InputProblem(source, line.number, str(error)))
+    else:
         try:
             text = read_utf8_text(path)
         except InputError as error:
@@ -169,6 +221,9 @@ def _raw_rows(path: Path, problems: list[InputProblem]) -> list[tuple[int, dict[
             return rows
         with io.StringIO(text, newline="") as handle:
             reader = csv.DictReader(handle)
+            if reader.fieldnames is not None and detect_layout([c.strip() for c in reader.fieldnames]) \
+                    in _PROMPT_SET_LAYOUTS:
+                return _prompt_set_rows(path, problems)
             if reader.fieldnames is None or "file_name" not in reader.fieldnames:
                 problems.append(InputProblem(source, 1, f"header {reader.fieldnames} has no 'file_name' column"))
                 return rows
@@ -177,8 +232,6 @@ def _raw_rows(path: Path, problems: list[InputProblem]) -> list[tuple[int, dict[
                     problems.append(InputProblem(source, reader.line_num, "more cells than header columns"))
                     continue
                 rows.append((reader.line_num, row))
-    else:
-        problems.append(InputProblem(source, 0, "prompts file must be .csv or .jsonl"))
     return rows
 
 

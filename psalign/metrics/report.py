@@ -1,5 +1,15 @@
 """Result rows: one CSV layout for every metric, atomic appends, a markdown table and a
 safety-vs-quality chart.
+
+The published evaluation table's layout (``dataset, method, base_model, level, metrics, score``,
+optionally followed by ``state, timestamp``) is read and written too. Its vocabulary differs:
+``none`` for a method without levels, ``clip`` for ``clip_score``, ``psa_adapter`` for ``psa``,
+and its levels are users of the published ``users.csv``
+(:data:`psalign.levels.PUBLISHED_LEVEL_USERS`). :func:`read_results` turns a published row into
+psalign's names (``level_3`` becomes ``level_3@0000002``, the level and its user); a key given
+more than once (the published file's ``old`` and ``succeeded`` runs of one cell) keeps its
+``succeeded`` row, the latest by timestamp, then by line. The published layout has no ``n`` or
+interval: such rows read with ``n`` 0 and no interval.
 """
 
 from __future__ import annotations
@@ -38,6 +48,30 @@ class ResultRow:
 
 assert tuple(f.name for f in fields(ResultRow)) == RESULT_COLUMNS
 
+#: Columns of the published evaluation table (``state`` and ``timestamp`` may follow).
+PUBLISHED_COLUMNS: tuple[str, ...] = ("dataset", "method", "base_model", "level", "metrics", "score")
+PUBLISHED_STATE_COLUMNS: tuple[str, ...] = ("state", "timestamp")
+#: The published table's level of a method without levels.
+PUBLISHED_NO_LEVEL = "none"
+#: The published run state that a row of the same key prefers over any other (e.g. ``old``).
+PUBLISHED_CURRENT_STATE = "succeeded"
+#: psalign names -> published names (metrics, methods); other names are the same in both.
+PUBLISHED_METRIC_NAMES: dict[str, str] = {"clip_score": "clip"}
+PUBLISHED_METHOD_NAMES: dict[str, str] = {"psa": "psa_adapter"}
+#: Layouts :func:`write_results` writes.
+RESULT_LAYOUTS: tuple[str, ...] = ("psalign", "published")
+
+
+@dataclass(frozen=True)
+class PublishedRow:
+    """One line of a published-layout table, in psalign's names, with its run ``state`` and
+    ``timestamp`` (empty when the file has no such columns) and its ``line``."""
+
+    row: ResultRow
+    state: str
+    timestamp: str
+    line: int
+
 
 def _format_number(value: float | None) -> str:
     return "" if value is None else repr(float(value))
@@ -48,8 +82,96 @@ def _row_to_cells(row: ResultRow) -> list[str]:
     return cells + [_format_number(row.value), str(row.n), _format_number(row.ci_low), _format_number(row.ci_high)]
 
 
+def published_level(level: str) -> str:
+    """psalign's level -> the published table's: ``""`` -> ``none``, ``level_3@0000002`` -> ``level_3``."""
+    return level.partition("@")[0] or PUBLISHED_NO_LEVEL
+
+
+def _psalign_level(level: str) -> str:
+    from psalign.levels import PUBLISHED_LEVEL_USERS
+
+    if level == PUBLISHED_NO_LEVEL:
+        return ""
+    user = PUBLISHED_LEVEL_USERS.get(level)
+    return f"{level}@{user}" if user else level
+
+
+def to_published_cells(row: ResultRow) -> list[str]:
+    """``row`` as a published-layout line: ``dataset, method, base_model, level, metrics, score``."""
+    return [row.dataset, PUBLISHED_METHOD_NAMES.get(row.method, row.method), row.model, published_level(row.level),
+            PUBLISHED_METRIC_NAMES.get(row.metric, row.metric), _format_number(row.value)]
+
+
+def read_published_rows(path: str | Path) -> list[PublishedRow]:
+    """Every line of a published-layout table, duplicates included, in psalign's names."""
+    path = Path(path)
+    methods = {v: k for k, v in PUBLISHED_METHOD_NAMES.items()}
+    metrics = {v: k for k, v in PUBLISHED_METRIC_NAMES.items()}
+    rows: list[PublishedRow] = []
+    problems: list[InputProblem] = []
+    with io.StringIO(read_utf8_text(path), newline="") as handle:
+        reader = csv.reader(handle)
+        header = [cell.strip() for cell in next(reader, [])]
+        if tuple(header) not in (PUBLISHED_COLUMNS, PUBLISHED_COLUMNS + PUBLISHED_STATE_COLUMNS):
+            raise InputError([InputProblem(str(path), 1, f"header {header} is not {list(PUBLISHED_COLUMNS)} "
+                                                         f"(optionally + {list(PUBLISHED_STATE_COLUMNS)})")])
+        for cells in reader:
+            line = reader.line_num
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                problems.append(InputProblem(str(path), line, f"expected {len(header)} cells, got {len(cells)}"))
+                continue
+            cell = dict(zip(header, (c.strip() for c in cells)))
+            try:
+                score = float(cell["score"])
+            except ValueError:
+                problems.append(InputProblem(str(path), line, f"not a number: {cell['score']!r}", "score"))
+                continue
+            empty = [name for name in PUBLISHED_COLUMNS[:5] if not cell[name]]
+            if empty:
+                problems.append(InputProblem(str(path), line, "empty", empty[0]))
+                continue
+            row = ResultRow(cell["dataset"], methods.get(cell["method"], cell["method"]), cell["base_model"],
+                            _psalign_level(cell["level"]), metrics.get(cell["metrics"], cell["metrics"]),
+                            value=score, n=0)
+            rows.append(PublishedRow(row, cell.get("state", ""), cell.get("timestamp", ""), line))
+    if problems:
+        raise InputError(problems)
+    return rows
+
+
+def current_published_rows(rows: Sequence[PublishedRow]) -> dict[tuple[str, str, str, str, str], PublishedRow]:
+    """One row per :func:`row_key`: the ``succeeded`` one before any other state, then the latest
+    timestamp, then the later line."""
+    chosen: dict[tuple[str, str, str, str, str], PublishedRow] = {}
+    for entry in rows:
+        rank = (entry.state == PUBLISHED_CURRENT_STATE, entry.timestamp, entry.line)
+        key = row_key(entry.row)
+        held = chosen.get(key)
+        if held is None or rank > (held.state == PUBLISHED_CURRENT_STATE, held.timestamp, held.line):
+            chosen[key] = entry
+    return chosen
+
+
+def is_published_layout(path: str | Path) -> bool:
+    """Whether the CSV at ``path`` starts with the published table's header."""
+    first = read_utf8_text(path).partition("\n")[0]
+    return tuple(cell.strip() for cell in next(csv.reader([first]), [])[:len(PUBLISHED_COLUMNS)]) == PUBLISHED_COLUMNS
+
+
+def check_appendable(path: str | Path) -> None:
+    """:class:`InputError` unless the results CSV at ``path`` can take more rows: a readable file
+    in psalign's layout (a published-layout table is read, never rewritten)."""
+    if is_published_layout(path):
+        raise InputError([InputProblem(str(path), 1, "is a table in the published layout, which psalign reads but "
+                                                     "does not append to; write the results to another file")])
+    read_results(path)
+
+
 def read_results(path: str | Path) -> list[ResultRow]:
-    """Read a results CSV written by :func:`append_results`; every malformed line is reported."""
+    """Read a results CSV written by :func:`append_results` or a published-layout table (one row
+    per key, see the module docstring); every malformed line is reported."""
     path = Path(path)
     rows: list[ResultRow] = []
     problems: list[InputProblem] = []
@@ -58,8 +180,11 @@ def read_results(path: str | Path) -> list[ResultRow]:
         header = next(reader, None)
         if header is None:
             return rows
+        if tuple(h.strip() for h in header[:len(PUBLISHED_COLUMNS)]) == PUBLISHED_COLUMNS:
+            return [entry.row for entry in current_published_rows(read_published_rows(path)).values()]
         if tuple(header) != RESULT_COLUMNS:
-            raise InputError([InputProblem(str(path), 1, f"header {header} is not {list(RESULT_COLUMNS)}")])
+            raise InputError([InputProblem(str(path), 1, f"header {header} is not {list(RESULT_COLUMNS)} "
+                                                         f"or the published {list(PUBLISHED_COLUMNS)}")])
         for line, cells in enumerate(reader, start=2):
             if len(cells) != len(RESULT_COLUMNS):
                 reason = f"expected {len(RESULT_COLUMNS)} cells, got {len(cells)}"
@@ -92,6 +217,8 @@ def append_results(path: str | Path, rows: Sequence[ResultRow]) -> None:
     old or the new content, never a partial line. A file with another header is refused.
     """
     path = Path(path)
+    if path.exists():
+        check_appendable(path)
     merged = {row_key(row): row for row in (read_results(path) if path.exists() else [])}
     for row in rows:
         merged[row_key(row)] = row
@@ -100,6 +227,21 @@ def append_results(path: str | Path, rows: Sequence[ResultRow]) -> None:
         writer.writerow(RESULT_COLUMNS)
         for row in merged.values():
             writer.writerow(_row_to_cells(row))
+
+
+def write_results(path: str | Path, rows: Sequence[ResultRow], layout: str = "psalign") -> Path:
+    """Write ``rows`` (replacing the file, atomically) in ``layout``: ``psalign``
+    (:data:`RESULT_COLUMNS`) or ``published`` (:data:`PUBLISHED_COLUMNS`, psalign's names turned
+    into the published ones; ``n`` and the interval are dropped)."""
+    if layout not in RESULT_LAYOUTS:
+        raise ValueError(f"unknown results layout {layout!r}; choose from {', '.join(RESULT_LAYOUTS)}")
+    path = Path(path)
+    with atomic_write(path, newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(RESULT_COLUMNS if layout == "psalign" else PUBLISHED_COLUMNS)
+        for row in rows:
+            writer.writerow(_row_to_cells(row) if layout == "psalign" else to_published_cells(row))
+    return path
 
 
 def markdown_table(rows: Sequence[ResultRow], digits: int = 4) -> str:

@@ -9,6 +9,15 @@ active for it). For module ``m`` and expert ``k`` with calibration activations `
 prompts of expert ``k``'s category, weight element ``(i, j)`` scores
 ``|dW_k[i, j]| * mean|x_j|``; the merged delta takes each element from the expert with the highest
 score (ties go to the lower expert index).
+
+**Calibration** (:func:`record_input_activations`): by default all of a call's batch is recorded,
+which under classifier-free guidance includes the empty prompt's half; ``conditional_only`` keeps
+only the second (conditional) half of each batch, the order diffusers' pipelines stack them in.
+
+**Rank truncation**: a Co-Merge of rank-``r`` experts is in general of full rank, so re-factoring it
+into a LoRA loses part of it; :func:`refactor_to_lora` reports the relative Frobenius error per
+module and :func:`truncation_rank` finds the smallest rank keeping every module's error within
+:data:`MAX_TRUNCATION_ERROR`.
 """
 
 from __future__ import annotations
@@ -18,6 +27,10 @@ from typing import Callable, Sequence
 import torch
 
 Deltas = dict[str, torch.Tensor]
+
+#: Largest relative Frobenius error ``||dW - B A|| / ||dW||`` of any module that the automatically
+#: chosen rank of a merged LoRA allows (5%: the update keeps about 99.75% of its energy).
+MAX_TRUNCATION_ERROR = 0.05
 
 
 def _check_same_modules(experts: Sequence[Deltas]) -> list[str]:
@@ -108,6 +121,23 @@ def refactor_to_lora(deltas: Deltas, rank: int) -> tuple[dict[str, tuple[torch.T
     return factors, errors
 
 
+def truncation_rank(deltas: Deltas, max_error: float = MAX_TRUNCATION_ERROR) -> int:
+    """The smallest rank at which every delta's truncated SVD has a relative Frobenius error
+    ``sqrt(sum_{i > r} s_i^2 / sum_i s_i^2)`` of at most ``max_error`` (1 for all-zero deltas)."""
+    if not 0 <= max_error < 1:
+        raise ValueError(f"max_error must be in [0, 1), got {max_error}")
+    rank = 1
+    for delta in deltas.values():
+        energy = torch.linalg.svdvals(delta.double()).square()
+        total = energy.sum()
+        if total == 0:
+            continue
+        tail = (total - energy.cumsum(0)).clamp(min=0) / total  # tail[r - 1]: error^2 at rank r
+        within = (tail <= max_error**2).nonzero()
+        rank = max(rank, int(within[0]) + 1 if len(within) else energy.numel())
+    return rank
+
+
 @torch.no_grad()
 def fuse_into_unet(unet: torch.nn.Module, deltas: Deltas) -> None:
     """Add each delta to its module's weight (the merged model without any LoRA layer)."""
@@ -120,10 +150,12 @@ def fuse_into_unet(unet: torch.nn.Module, deltas: Deltas) -> None:
 
 @torch.no_grad()
 def record_input_activations(
-    unet: torch.nn.Module, module_names: Sequence[str], run: Callable[[], None]
+    unet: torch.nn.Module, module_names: Sequence[str], run: Callable[[], None], conditional_only: bool = False
 ) -> dict[str, torch.Tensor]:
     """Mean absolute input per input column (in,) of each module, over every token of every call
-    made while ``run()`` drives the UNet (e.g. denoising calibration prompts)."""
+    made while ``run()`` drives the UNet (e.g. denoising calibration prompts). With
+    ``conditional_only`` only the second half of each call's batch counts (the conditional half
+    of a classifier-free-guidance batch ``[unconditional, conditional]``)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -131,6 +163,11 @@ def record_input_activations(
     def hook_for(name: str):
         def hook(module, inputs):
             x = inputs[0].detach().float()
+            if conditional_only:
+                if x.shape[0] % 2:
+                    raise RuntimeError(f"module {name}: batch of {x.shape[0]} has no conditional half "
+                                       "(calibrate with classifier-free guidance on)")
+                x = x[x.shape[0] // 2:]
             flat = x.reshape(-1, x.shape[-1]).abs()
             sums[name] = sums.get(name, 0) + flat.sum(dim=0).cpu()
             counts[name] = counts.get(name, 0) + flat.shape[0]

@@ -1,14 +1,16 @@
-"""``python -m psalign.toy build [--work DIR] [--out DIR] [--base_from BUNDLE]``: rebuild the bundled toy model (see :mod:`psalign.toy.build`)."""
+"""``python -m psalign.toy build [--work DIR] [--output_dir DIR] [--base_from BUNDLE]``: rebuild the bundled toy model (see :mod:`psalign.toy.build`)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import build as build_module
 from .build import add_build_arguments, build, config_from_args
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 refused options."""
     parser = argparse.ArgumentParser(prog="python -m psalign.toy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser(
@@ -30,7 +32,8 @@ def main(argv=None) -> None:
         records = build(config, until=args.until)
         total = sum(record["seconds"] for record in records.values())
         print(f"build finished: {len(records)} stage(s), {total:.0f} s of stage time in all")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

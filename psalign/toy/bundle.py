@@ -91,15 +91,16 @@ def bundled_paths(root: str | Path | None = None) -> ToyBundle:
 
 
 def bundled_model_path() -> Path:
-    """The bundled toy ``StableDiffusionPipeline`` folder (the default ``--sd_model``)."""
+    """The bundled toy ``StableDiffusionPipeline`` folder (the default ``--pretrained_model``)."""
     return bundled_paths().model
 
 
 def made_with_bundled_model(folder: str | Path) -> bool:
-    """Whether every image that ``infer.py`` logged in ``folder`` was drawn by the bundled toy model."""
-    from psalign.inference.generate import read_generation_log
+    """Whether every image that ``infer.py`` logged in ``folder`` (or in its parent, under it) was
+    drawn by the bundled toy model."""
+    from psalign.inference.generate import logged_entries
 
-    entries = read_generation_log(Path(folder))
+    entries = logged_entries(folder)
     model = BUNDLE_DIR / "model"
     return bool(entries) and all(Path(str(e.get("model", ""))).resolve() == model for e in entries)
 

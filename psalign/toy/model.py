@@ -15,7 +15,7 @@ scheduler               DDPM noise schedule (cosine) for training; the saved pip
 
 Everything is built from these configs with random weights and trained by
 :mod:`psalign.toy.build`; :func:`save_pipeline` writes a normal ``StableDiffusionPipeline`` folder
-that ``StableDiffusionPipeline.from_pretrained`` (and ``infer.py --sd_model``) loads.
+that ``StableDiffusionPipeline.from_pretrained`` (and ``infer.py --pretrained_model``) loads.
 """
 
 from __future__ import annotations

@@ -1,18 +1,18 @@
-"""Toy Sage: users, base-model images checked by the detector, and Sage preference pairs.
+"""Toy Sage: the toy world's run of the Sage build pipeline (:mod:`psalign.sage.build`).
 
 * **Users** come from the Sage-data generator (:func:`psalign.users.generate_users`, rule-engine
   bans), a share of them with random bans instead (:func:`toy_users` says why):
   ``users_train.csv`` and ``users_heldout.csv`` (held-out ids follow the training ids).
-* **Image pool**: for every seen concept, every object and ``pool_seeds`` seeds, the base model
-  draws the unsafe caption (``"a blue square with a fierce clash"``, the ``_u`` image) and its
-  safe rewrite (``"a blue square"``, ``_s``) from the same initial noise, so the two differ mostly
-  where the marker is. A pool unit is kept only when the detector agrees with both prompts (the
-  unsafe image shows the object and exactly its category's marker, the safe one the object and
-  no marker), as Sage keeps only images that match their prompt.
-* **Units**: each training user gets one unit per (category, seen concept), drawn from the kept
-  pool units of that concept (images are shared between users; who prefers which image is the
-  user's business). :func:`psalign.sage.build_preference_pairs` turns units into records with the
-  Sage rule; ``metadata.jsonl`` sits beside ``pool/``.
+* **Concepts**: every category's seen concepts (:func:`toy_concepts`; the held-out ones stay out).
+* **Prompts**: the template writer :class:`ToyTemplateWriter`, no LLM: for every object, the unsafe
+  caption (``"a blue square with a fierce clash"``) and its safe rewrite (``"a blue square"``).
+* **Images**: the toy base model draws both captions of a unit from the same seed (``pool_seeds``
+  units per prompt pair), so the two differ mostly where the marker is.
+* **Filter**: the toy detector (``toy`` InPro classifier): a unit is kept when its unsafe image
+  shows a marker and its safe image none.
+* **Pairs**: each training user gets one unit per (category, seen concept), drawn from the kept
+  units of that concept (images are shared between users; who prefers which image is the user's
+  business), records by the Sage rule in ``sage/train/metadata.jsonl`` (:data:`TRAIN_METADATA`).
 * **Substitution pairs** (optional, our addition to Sage): for each category a user bans, one
   more unit whose rejected image shows the same object with *another* category's marker
   (:func:`substitution_decoy`), so removing a banned marker by drawing a different one is
@@ -22,20 +22,15 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from psalign.io import atomic_path
-from psalign.sage import SageUnit, build_preference_pairs, write_preference_pairs
+from psalign.sage import SageUnit, build_preference_pairs, read_preference_pairs, write_preference_pairs
+from psalign.sage.writer import ConceptPrompts, PromptPair
 from psalign.users import UserProfile, format_user_id, generate_users, write_users
 
-from .benchmark import sample
-from .detect import detect
-from .model import load_pipeline
-from .world import CATEGORIES, OBJECTS, ToyObject, seen_concepts
+from .world import CATEGORIES, OBJECTS, ToyObject, parse_caption, seen_concepts
 
 #: Profile text of a toy user for the sentence encoder: just the two category lists, each in a
 #: sentence with its own verb. A short text keeps them prominent in a mean-pooled sentence
@@ -45,9 +40,10 @@ from .world import CATEGORIES, OBJECTS, ToyObject, seen_concepts
 #: content: ..." a probe fitted like the adapter's projection reads the reference user who bans
 #: only Sexuality as banning nothing (``bench/toy_profile_probe.py`` compares the wordings).
 TOY_PROFILE_TEMPLATE = "The user bans {banned}. The user allows {allowed}."
-POOL_DIR = "pool"
-METADATA = "metadata.jsonl"
-JPEG_QUALITY = 95
+#: The training pairs, relative to the toy build's sage stage folder (the pipeline's ``out``).
+TRAIN_METADATA = Path("sage") / "train" / "metadata.jsonl"
+#: Unit index of the substitution unit of unit ``n``: ``SUBSTITUTION_INDEX + n``.
+SUBSTITUTION_INDEX = 90000
 
 
 def toy_users(
@@ -82,91 +78,27 @@ def toy_users(
     return train_users, heldout_users
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolUnit:
-    """One (concept, object, repeat) of the pool: two images drawn from one seed."""
-
-    category: str
-    concept: str
-    object: ToyObject
-    repeat: int
-
-    @property
-    def stem(self) -> str:
-        concept = self.concept.replace(" ", "_")
-        return f"{concept}_{self.object.colour}_{self.object.shape}_{self.repeat:02d}"
-
-    def image(self, variant: str) -> str:
-        """Path relative to the data folder: ``pool/<stem>_s.jpg`` or ``_u.jpg``."""
-        return f"{POOL_DIR}/{self.stem}_{variant}.jpg"
-
-    def seed(self, seed: int) -> int:
-        digest = hashlib.sha256(f"{seed}:{self.stem}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") % (2**63)
+def toy_concepts() -> dict[str, list[str]]:
+    """The concepts of the toy Sage data: every category's seen concepts."""
+    return {category: list(seen_concepts(category)) for category in CATEGORIES}
 
 
-def pool_units(pool_seeds: int) -> list[PoolUnit]:
-    return [
-        PoolUnit(category, concept, obj, repeat)
-        for category in CATEGORIES
-        for concept in seen_concepts(category)
-        for obj in OBJECTS
-        for repeat in range(pool_seeds)
-    ]
+class ToyTemplateWriter:
+    """The toy world's prompt writer (no LLM): for each object, ``"a <colour> <shape> with <concept>"``
+    and its minimal safe rewrite ``"a <colour> <shape>"``; ``count`` may not exceed the objects' number."""
+
+    identity = "toy-template"
+
+    def write(self, category: str, concept: str, count: int) -> ConceptPrompts:
+        if count > len(OBJECTS):
+            raise ValueError(f"the toy world has {len(OBJECTS)} objects, so at most {len(OBJECTS)} prompts per concept")
+        pairs = [PromptPair(obj.caption(concept), obj.caption()) for obj in OBJECTS[:count]]
+        return ConceptPrompts(category, concept, pairs)
 
 
-def generate_pool(pipe, units: list[PoolUnit], folder: Path, seed: int, steps: int, guidance_scale: float,
-                  batch_size: int) -> None:
-    """Draw the missing images of ``units`` (both variants of a unit in the same batch, same seed)."""
-    from tqdm.auto import tqdm
-
-    todo = [u for u in units if not all((folder / u.image(v)).is_file() for v in "su")]
-    per_batch = max(batch_size // 2, 1)
-    for start in tqdm(range(0, len(todo), per_batch), desc="toy Sage images", unit="batch"):
-        batch = todo[start : start + per_batch]
-        captions = [u.object.caption(u.concept) for u in batch] + [u.object.caption() for u in batch]
-        seeds = [u.seed(seed) for u in batch] * 2
-        images = sample(pipe, captions, seeds, steps, guidance_scale, batch_size=len(captions))
-        for unit, unsafe, safe in zip(batch, images[: len(batch)], images[len(batch) :]):
-            for variant, image in (("u", unsafe), ("s", safe)):
-                target = folder / unit.image(variant)
-                with atomic_path(target, suffix=".jpg") as tmp:
-                    image.save(tmp, quality=JPEG_QUALITY, subsampling=0)
-
-
-def unit_agrees(folder: Path, unit: PoolUnit) -> bool:
-    """Whether the detector agrees with both prompts of ``unit``."""
-    from PIL import Image
-
-    with Image.open(folder / unit.image("u")) as unsafe, Image.open(folder / unit.image("s")) as safe:
-        found_u, found_s = detect(unsafe), detect(safe)
-    return (
-        found_u.shows(unit.object)
-        and found_u.markers == (unit.category,)
-        and found_s.shows(unit.object)
-        and found_s.markers == ()
-    )
-
-
-def sage_unit(user_id: str, category: str, concept: str, index: int, images: PoolUnit) -> SageUnit:
-    """The Sage unit of (user, category, concept, index): captions of ``concept`` on the object of
-    the pool unit ``images``, and its two images."""
-    return SageUnit(
-        user_id=user_id,
-        category=category,
-        concept=concept,
-        index=index,
-        safe_caption=images.object.caption(),
-        unsafe_caption=images.object.caption(concept),
-        safe_image=images.image("s"),
-        unsafe_image=images.image("u"),
-    )
-
-
-def substitution_decoy(
-    kept: dict[str, list[PoolUnit]], category: str, obj: ToyObject, rng: np.random.Generator
-) -> PoolUnit:
-    """A kept pool unit of ``obj`` with a concept of another category than ``category``, drawn uniformly.
+def substitution_decoy(kept: list[dict], category: str, obj: ToyObject, rng: np.random.Generator) -> dict:
+    """A kept unit (a line of the filter stage's ``units.jsonl``) of ``obj`` with a concept of
+    another category than ``category``, drawn uniformly.
 
     Paired with a prompt of ``category`` for a user who bans it, its unsafe image (the object
     with another category's marker) is what the adapter must not draw instead: our addition to
@@ -174,30 +106,43 @@ def substitution_decoy(
     alone mostly remove a banned marker by drawing another one, which InPro still counts; these
     pairs reduce that without stopping it (the README's toy section has the numbers).
     """
-    candidates = [
-        unit for units in kept.values() for unit in units if unit.category != category and unit.object == obj
-    ]
+    candidates = [u for u in kept if u["category"] != category and parse_caption(u["safe"]).object == obj]
     if not candidates:
-        raise RuntimeError(f"no kept pool unit of {obj.caption()} outside {category} to use as a substitution decoy")
+        raise RuntimeError(f"no kept unit of {obj.caption()} outside {category} to use as a substitution decoy")
     return candidates[rng.integers(len(candidates))]
 
 
-def assign_units(
-    users: list[UserProfile], kept: dict[str, list[PoolUnit]], substitution_pairs: bool, rng: np.random.Generator
-) -> list[SageUnit]:
-    """Each user's Sage units: one per (category, seen concept), its images a kept pool unit of
-    that concept drawn uniformly; with ``substitution_pairs``, a second one (index 1) for each
-    category the user bans, whose images are a :func:`substitution_decoy` of the same object."""
+def substitution_units(records: list[dict], users: list[UserProfile], kept: list[dict], images: str,
+                       rng: np.random.Generator) -> list[SageUnit]:
+    """For each unsafe-caption record of a category its user bans, a unit with the same captions
+    whose images are a :func:`substitution_decoy` of the same object (index ``SUBSTITUTION_INDEX + n``)."""
+    from psalign.sage import parse_sage_record_name
+
+    banned = {u.user_id: set(u.banned_categories) for u in users}
     units = []
-    for user in users:
-        for category in CATEGORIES:
-            for concept in seen_concepts(category):
-                drawn = kept[concept][rng.integers(len(kept[concept]))]
-                units.append(sage_unit(user.user_id, category, concept, 0, drawn))
-                if substitution_pairs and category in user.banned_categories:
-                    decoy = substitution_decoy(kept, category, drawn.object, rng)
-                    units.append(sage_unit(user.user_id, category, concept, 1, decoy))
+    for record in records:
+        name = parse_sage_record_name(record["file_name"])
+        if name.variant != "u" or name.category not in banned[name.user_id]:
+            continue
+        obj = parse_caption(record["caption"]).object
+        decoy = substitution_decoy(kept, name.category, obj, rng)
+        units.append(SageUnit(name.user_id, name.category, name.concept, SUBSTITUTION_INDEX + name.index,
+                              obj.caption(), obj.caption(name.concept), f"{images}/{decoy['safe_image']}",
+                              f"{images}/{decoy['unsafe_image']}"))
     return units
+
+
+def toy_build_config(model_dir: Path, folder: Path, users_csv: Path, heldout_users: int, pool_seeds: int, seed: int,
+                     steps: int, guidance_scale: float, batch_size: int):
+    """The Sage build settings of the toy world (``world: toy``) for ``python -m psalign.toy build``'s sage stage."""
+    from psalign.sage.config import load_config
+
+    return load_config(None, {
+        "world": "toy", "out": str(folder), "sd_model": str(model_dir), "users": str(users_csv),
+        "heldout_users": str(heldout_users), "images_per_prompt": str(pool_seeds), "seed": str(seed),
+        "num_inference_steps": str(steps), "guidance_scale": str(guidance_scale), "generation_batch": str(batch_size),
+        "device": "cpu",
+    })
 
 
 def build_toy_sage(
@@ -213,33 +158,36 @@ def build_toy_sage(
     guidance_scale: float,
     batch_size: int,
 ) -> dict:
-    """Write users, the image pool and ``metadata.jsonl`` into ``folder``; returns counts.
+    """Run the Sage build pipeline for the toy world into ``folder``; returns counts.
 
-    Units are :func:`assign_units`' (with ``substitution_pairs``, decoy units whose records, by
-    the Sage rule, prefer the plain object to the object with another category's marker).
+    Writes ``users_train.csv`` and ``users_heldout.csv`` (:func:`toy_users`) beside the pipeline's
+    stage folders; with ``substitution_pairs``, adds the :func:`substitution_units`' records to
+    :data:`TRAIN_METADATA` (they prefer the plain object to the object with another category's marker).
     """
+    from psalign.sage.build import build, kept_units
+
     folder = Path(folder)
     train, heldout = toy_users(train_users, heldout_users, seed, random_ban_share)
     write_users(folder / "users_train.csv", train)
     write_users(folder / "users_heldout.csv", heldout)
-    units = pool_units(pool_seeds)
-    generate_pool(load_pipeline(model_dir), units, folder, seed, steps, guidance_scale, batch_size)
-    kept: dict[str, list[PoolUnit]] = {}
-    for unit in units:
-        if unit_agrees(folder, unit):
-            kept.setdefault(unit.concept, []).append(unit)
-    missing = [c for cat in CATEGORIES for c in seen_concepts(cat) if not kept.get(c)]
+    write_users(folder / "users.csv", train + heldout)
+    config = toy_build_config(model_dir, folder, folder / "users.csv", heldout_users, pool_seeds, seed, steps,
+                              guidance_scale, batch_size)
+    stages = build(config)
+    missing = stages["pairs"]["concepts_without_training_units"]
     if missing:
         raise RuntimeError(f"the base model drew no usable image pair for the concepts {missing}")
-    sage_units = assign_units(train, kept, substitution_pairs, np.random.default_rng(seed))
-    records = build_preference_pairs(sage_units, train)
-    write_preference_pairs(folder / METADATA, records)
-    kept_by_category = Counter(u.category for units_ in kept.values() for u in units_)
-    per_category = len(units) // len(CATEGORIES)
+    metadata = folder / TRAIN_METADATA
+    records = read_preference_pairs(metadata, metadata.parent)
+    if substitution_pairs:
+        extra = substitution_units(records, train, kept_units(config), "../../images", np.random.default_rng([seed, 7]))
+        records = records + build_preference_pairs(extra, train)
+        write_preference_pairs(metadata, records)
+    filtered = stages["filter"]
     return {
-        "pool_units": len(units),
-        "pool_units_kept": sum(kept_by_category.values()),
-        "kept_share_by_category": {c: kept_by_category[c] / per_category for c in CATEGORIES},
+        "pool_units": filtered["units"],
+        "pool_units_kept": filtered["kept"],
+        "kept_share_by_category": filtered["kept_share_by_category"],
         "train_users": len(train),
         "heldout_users": len(heldout),
         "records": len(records),

@@ -6,7 +6,10 @@
 * SD1.5: the last hidden states of the one CLIP text encoder, (B, 77, d_c).
 * SDXL: the penultimate hidden states of both text encoders concatenated, (B, 77, d_1 + d_2);
   the pooled (projected) output of the second, (B, d_p); and ``add_time_ids`` (B, 6) = original
-  size (h, w), crop top-left (top, left) and target size (h, w) in pixels.
+  size (h, w), crop top-left (top, left) and target size (h, w) in pixels. Training's
+  ``sdxl_micro_conditioning`` chooses them (:func:`training_time_ids`): ``target_size`` (the
+  default) passes ``[R, R, 0, 0, R, R]``, what the SDXL pipeline passes at inference, and
+  ``source_size`` each source image's size and crop; the adapter config records the choice.
 
 The empty prompt (text dropout, and the unconditional branch of classifier-free guidance) is what
 the stock pipeline uses for its unconditional branch: SDXL pipelines with
@@ -93,6 +96,20 @@ def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, reso
     """
     target = torch.tensor([resolution, resolution], dtype=torch.float32).expand(original_size.shape[0], 2)
     return torch.cat([original_size.float(), crop_top_left.float(), target.to(original_size.device)], dim=1)
+
+
+def training_time_ids(
+    original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int, micro_conditioning: str
+) -> torch.Tensor:
+    """``add_time_ids`` (B, 6) of a training batch under ``micro_conditioning`` (one of
+    :data:`~psalign.adapter.adapter.SDXL_MICRO_CONDITIONINGS`): the source images' sizes and crops,
+    or ``[R, R, 0, 0, R, R]`` for every row."""
+    if micro_conditioning == "source_size":
+        return sdxl_time_ids(original_size, crop_top_left, resolution)
+    if micro_conditioning != "target_size":
+        raise ValueError(f"unknown sdxl_micro_conditioning {micro_conditioning!r}")
+    square = torch.full_like(original_size, resolution)
+    return sdxl_time_ids(square, torch.zeros_like(crop_top_left), resolution)
 
 
 def unet_conditioning(text: TextConditioning, time_ids: torch.Tensor | None) -> dict:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from psalign.adapter.adapter import SDXL_MICRO_CONDITIONINGS
 from psalign.io import InputError, InputProblem
 from .timesteps import TIMESTEP_BIAS_STRATEGIES
 
@@ -44,7 +45,6 @@ def _arg(default: Any, help: str, **extra: Any) -> Any:
 class TrainingConfig:
     """All arguments of a PSA adapter training run (see ``train_psa.py --help``)."""
 
-    # ---- model and data
     pretrained_model: str | None = _arg(
         None,
         "Stable Diffusion pipeline: local folder or hub id. SDXL is detected from its two text encoders.",
@@ -61,6 +61,13 @@ class TrainingConfig:
     resolution: int = _arg(512, "training resolution in pixels (images: shorter side resized, then cropped)")
     random_crop: bool = _arg(False, "random instead of centred crop (one crop shared by chosen and rejected)")
     random_flip: bool = _arg(False, "random horizontal flip (one flip shared by chosen and rejected)")
+    sdxl_micro_conditioning: str = _arg(
+        "target_size",
+        "SDXL add_time_ids in training: target_size = [R, R, 0, 0, R, R], what the SDXL pipeline passes at inference "
+        "(and the published code trains with); source_size = each source image's size and crop (recorded in the "
+        "adapter, warned about at inference)",
+        choices=SDXL_MICRO_CONDITIONINGS,
+    )
     dataloader_num_workers: int = _arg(0, "data loading worker processes per training process")
     precompute: bool = _arg(
         False,
@@ -68,7 +75,6 @@ class TrainingConfig:
         "the loop then holds no VAE or text encoder (each pair keeps one crop/flip)",
     )
     cache_dir: str | None = _arg(None, "cache folder for --precompute (default: <output_dir>/cache)")
-    # ---- adapter and objective
     trainable: str = _arg(
         "adapter",
         "adapter: the PSA user adapter (needs embeds_folder); lora: a PEFT LoRA on the UNet attention projections "
@@ -110,7 +116,6 @@ class TrainingConfig:
     timestep_bias_end: int | None = _arg(None, "end (excluded) of range (default: the scheduler's number of timesteps)")
     proportion_empty_prompts: float = _arg(0.2, "fraction of pairs trained with the empty prompt (text dropout)")
     user_dropout: float = _arg(0.1, "fraction of pairs trained with the null user (the guidance branch's user)")
-    # ---- optimisation
     train_batch_size: int = _arg(1, "preference pairs per process per micro-batch")
     gradient_accumulation_steps: int = _arg(1, "micro-batches per optimizer step")
     learning_rate: float = _arg(5e-6, "AdamW learning rate (not scaled by batch size)")
@@ -126,7 +131,6 @@ class TrainingConfig:
     )
     gradient_checkpointing: bool = _arg(False, "recompute UNet activations in the backward pass (less memory)")
     seed: int = _arg(0, "seed of the adapter initialisation, data order, augmentation, noise and dropout")
-    # ---- checkpoints
     checkpointing_steps: int = _arg(500, "save the full training state every N optimizer steps")
     checkpoints_total_limit: int | None = _arg(
         None, "keep at most this many checkpoints of this run (default: all; other runs' are never deleted)"
@@ -140,7 +144,6 @@ class TrainingConfig:
         "grids and final weights (without it, such a fresh start is refused); with resume_from_checkpoint latest, "
         "only when there is no checkpoint to resume",
     )
-    # ---- logging and validation
     report_to: str = _arg(
         "none",
         "extra Accelerate trackers: tensorboard, wandb, ... comma-separated, or none (logs/metrics.jsonl always)",
@@ -317,10 +320,24 @@ def load_training_config(
     return config
 
 
+#: ``--help`` sections: the first field of each, in declaration order; fields up to the next first field belong to it.
+OPTION_GROUPS: dict[str, str] = {
+    "pretrained_model": "model and data",
+    "trainable": "adapter and objective",
+    "train_batch_size": "optimisation",
+    "checkpointing_steps": "checkpoints",
+    "report_to": "logging and validation",
+}
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add one ``--flag`` per :class:`TrainingConfig` field; unset flags stay out of the namespace."""
+    """Add one ``--flag`` per :class:`TrainingConfig` field, in the sections of :data:`OPTION_GROUPS`;
+    unset flags stay out of the namespace."""
     defaults = TrainingConfig()
+    group = parser
     for name, spec in _FIELDS.items():
+        if name in OPTION_GROUPS:
+            group = parser.add_argument_group(OPTION_GROUPS[name])
         kind, _ = _base_type(name)
         default = getattr(defaults, name)
         shown = "" if default in (None, []) else f" (default: {default})"
@@ -333,7 +350,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
             kwargs["type"] = kind
             if spec.metadata.get("choices"):
                 kwargs["choices"] = spec.metadata["choices"]
-        parser.add_argument(f"--{name}", *spec.metadata.get("aliases", ()), **kwargs)
+        group.add_argument(f"--{name}", *spec.metadata.get("aliases", ()), **kwargs)
     return parser
 
 

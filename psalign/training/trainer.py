@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ from .conditioning import (
     FrozenTextEncoders,
     TextConditioning,
     resolve_model_type,
-    sdxl_time_ids,
+    training_time_ids,
     vae_latents,
 )
 from .config import TrainingConfig
@@ -113,6 +113,7 @@ def check_inputs(config: TrainingConfig) -> TrainingInputs:
     without loading a model; every problem is reported at once as :class:`InputError`."""
     from accelerate.tracking import get_available_trackers
 
+    from psalign.inference.pipeline import model_problems
     from psalign.sage import PreferencePairDataset
 
     problems: list[InputProblem] = []
@@ -131,10 +132,13 @@ def check_inputs(config: TrainingConfig) -> TrainingInputs:
             metadata, image_root = resolve_train_data(config.train_data)
     except FileNotFoundError as err:
         problem(str(config.train_data), str(err), "train_data")
-    try:
-        model_type = resolve_model_type(config.pretrained_model, config.model_type)
-    except (OSError, ValueError) as err:
-        problem(str(config.pretrained_model), f"not a usable diffusers pipeline: {err}", "pretrained_model")
+    if model_issues := model_problems(config.pretrained_model):  # before a hub id could be downloaded
+        problems += [replace(issue, field="pretrained_model") for issue in model_issues]
+    else:
+        try:
+            model_type = resolve_model_type(config.pretrained_model, config.model_type)
+        except (OSError, ValueError) as err:
+            problem(str(config.pretrained_model), f"not a usable diffusers pipeline: {err}", "pretrained_model")
     stats = None
     if not lora and not Path(config.embeds_folder).is_dir():
         problem(str(config.embeds_folder), "embeddings folder not found", "embeds_folder")
@@ -328,7 +332,8 @@ def build_adapter(unet: torch.nn.Module, user_embed_dim: int, config: TrainingCo
     """A fresh fp32 adapter for ``unet``, initialised from ``config.seed`` (the global RNG is left alone)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return PSAAdapter.for_unet(unet, user_embed_dim, num_user_tokens=config.num_user_tokens)
+        return PSAAdapter.for_unet(unet, user_embed_dim, num_user_tokens=config.num_user_tokens,
+                                   sdxl_micro_conditioning=config.sdxl_micro_conditioning)
 
 
 class JSONLinesTracker(GeneralTracker):
@@ -515,7 +520,8 @@ class PSATrainer:
                 chosen_text = self.text_encoders.encode(batch["chosen_caption"])
         time_ids = None
         if self.is_sdxl:
-            time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], self.config.resolution).to(device)
+            time_ids = training_time_ids(batch["original_size"], batch["crop_top_left"], self.config.resolution,
+                                         self.config.sdxl_micro_conditioning).to(device)
         user_embeds = batch["user_embed"].to(device, torch.float32) if "user_embed" in batch else None
         return latents, text, chosen_text, time_ids, user_embeds
 
