@@ -156,11 +156,17 @@ def test_evaluate_help_shows_no_placeholder_or_doubled_defaults(capsys):
     assert "images per model call (default: 16)" in text
 
 
-def test_evaluate_defaults_come_from_the_config_dataclass():
+def test_evaluate_defaults_come_from_the_config_dataclass(tmp_path, monkeypatch):
     import evaluate
+    from psalign.io import InputError
     from psalign.metrics.evaluation import DEFAULT_METRICS, EvaluationConfig
 
-    config = evaluate.evaluation_config(evaluate.build_parser().parse_args(["--device", "cpu"]), log=lambda m: None)
+    monkeypatch.chdir(tmp_path)
+    args = evaluate.build_parser().parse_args(["--device", "cpu"])
+    with pytest.raises(InputError, match="outputs/images/ \\(where infer.py writes by default\\) does not exist"):
+        evaluate.evaluation_config(args, log=lambda m: None)
+    (tmp_path / "outputs" / "images").mkdir(parents=True)
+    config = evaluate.evaluation_config(args, log=lambda m: None)
     assert list(config.metrics) == list(DEFAULT_METRICS)
     assert config.batch_size == EvaluationConfig.batch_size and config.judge == EvaluationConfig.judge
     assert config.target_folders == [Path("outputs/images")] and config.output == Path("outputs/images/results.csv")

@@ -11,6 +11,7 @@ from psalign.loss import diffusion_dpo_loss, dpo_safe_anchor_loss, safe_anchor_l
 from psalign.sage import PreferencePairDataset, chosen_captions
 from psalign.training import PSATrainer, read_metrics, train
 from psalign.training.conditioning import TextConditioning
+from psalign.training.data import collate_pairs
 from psalign.training.objectives import (
     anchor_conditioning,
     dpo_safe_anchor_step_loss,
@@ -212,3 +213,26 @@ def test_safetydpo_expert_trains_with_the_safe_anchor(tiny_sd15_path, sage_set, 
     out = tmp_path / "expert"
     train(tiny_config(tiny_sd15_path, pairs, None, out, trainable="lora", objective="safe_anchor", embeds_folder=None))
     assert read_metrics(out)[2]["anchor_mse"] > 0 and (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("objective", ["dpo", "safe_anchor"])
+def test_the_trainer_takes_each_objective_and_trainable_from_its_registry(
+        objective, tiny_sd15_path, sage_set, tmp_path, monkeypatch):
+    """One module per extension point: the config's choices are the registries' names, and the
+    trainer calls the registered objective with one MicroBatch (and the chosen caption when asked)."""
+    from psalign.training import config as config_module
+    from psalign.training.objectives import OBJECTIVES, MicroBatch, Objective
+    from psalign.training.trainables import TRAINABLE_KINDS
+
+    assert config_module.OBJECTIVES == tuple(OBJECTIVES) and config_module.TRAINABLES == tuple(TRAINABLE_KINDS)
+    data, embeds = sage_set
+    trainer = PSATrainer(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "run", objective=objective))
+    assert trainer.adapter.__class__.__name__ == "PSAAdapter"
+    seen = []
+    needs_caption = OBJECTIVES[objective].needs_chosen_caption
+    monkeypatch.setitem(OBJECTIVES, objective, Objective(lambda batch, config: seen.append(batch) or "loss",
+                                                         needs_chosen_caption=needs_caption))
+    assert trainer._micro_step(collate_pairs([trainer.dataset[(0, i)] for i in range(2)])) == "loss"
+    (batch,) = seen
+    assert isinstance(batch, MicroBatch) and batch.latents.shape[0] == 4 and batch.user_embeds.shape[0] == 2
+    assert (batch.anchor_text is not None) == needs_caption

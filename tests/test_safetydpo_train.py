@@ -165,7 +165,7 @@ def test_expert_config_needs_no_embeddings_and_rejects_precompute():
 
 def _eval_dpo(trainer: PSATrainer, repeats: int = 16) -> tuple[float, float]:
     """DPO loss and implicit accuracy of the trained LoRA over every pair x ``repeats`` fixed noises."""
-    import psalign.training.trainer as trainer_module
+    import psalign.training.objectives as objectives_module
     from psalign.training.conditioning import vae_latents
 
     items = [trainer.inputs.pairs[i] for i in range(len(trainer.inputs.pairs))] * repeats
@@ -174,7 +174,7 @@ def _eval_dpo(trainer: PSATrainer, repeats: int = 16) -> tuple[float, float]:
         latents = vae_latents(trainer.vae, pixels)
         text = trainer.text_encoders.encode([it["caption"] for it in items])
         torch.manual_seed(1234)
-        out = trainer_module.dpo_step_loss(
+        out = objectives_module.dpo_step_loss(
             trainer.unet, trainer.adapter, trainer.adapter, trainer.noise_scheduler, latents, text, None, None, None,
             trainer.config.beta_dpo,
         )

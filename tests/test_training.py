@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import psalign.training.trainer as trainer_module
+import psalign.training.objectives as objectives_module
 from psalign.adapter import PSAAdapter, load_adapter
 from psalign.embeddings import load_embedding_stats
 from psalign.io import InputError
@@ -145,7 +145,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
 ):
     data, embeds = training_set
     out = tmp_path / "run"
-    real_loss = trainer_module.dpo_step_loss
+    real_loss = objectives_module.dpo_step_loss
     calls, hashes = [], {}
 
     def loss_going_nan(*args, **kwargs):
@@ -156,7 +156,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
             return dataclasses.replace(out_, loss=out_.loss * float("nan"))
         return out_
 
-    monkeypatch.setattr(trainer_module, "dpo_step_loss", loss_going_nan)
+    monkeypatch.setattr(objectives_module, "dpo_step_loss", loss_going_nan)
     expected = r"non-finite DPO loss \(nan\) at optimizer step 3 .*checkpoint-2 is intact"
     with pytest.raises(NonFiniteLossError, match=expected):
         train(tiny_config(tiny_sd15_path, data, embeds, out, max_train_steps=4, checkpointing_steps=2))
@@ -209,7 +209,7 @@ def _eval_dpo(trainer: PSATrainer, state: dict[str, torch.Tensor], repeats: int 
     users = torch.stack([it["user_embed"] for it in items])
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(1234)
-        out = trainer_module.dpo_step_loss(
+        out = objectives_module.dpo_step_loss(
             trainer.unet, adapter, adapter, trainer.noise_scheduler, latents, text, None, users,
             torch.zeros(len(items), dtype=torch.bool), trainer.config.beta_dpo,
         )
@@ -254,7 +254,7 @@ def test_text_and_user_dropout_are_drawn_once_per_pair_at_their_rates(
         tiny_sdxl_path, data, embeds, tmp_path / "run", proportion_empty_prompts=0.3, user_dropout=0.1,
     ))
     captured = []
-    monkeypatch.setattr(trainer_module, "dpo_step_loss", lambda *args: captured.append(args))
+    monkeypatch.setattr(objectives_module, "dpo_step_loss", lambda *args: captured.append(args))
     batch = collate_pairs([trainer.dataset[(0, i)] for i in range(8)])
     inputs = trainer._batch_inputs(batch)
     monkeypatch.setattr(trainer, "_batch_inputs", lambda batch: inputs)  # encode once, draw dropout 50 times
@@ -288,7 +288,7 @@ def test_chosen_and_rejected_share_noise_and_timestep(tiny_sd15_path):
     and timesteps are shared, even with a trained (random) adapter."""
     unet, scheduler, adapter = unet_with_random_adapter(tiny_sd15_path)
     latents = torch.randn(3, 4, 8, 8)
-    out = trainer_module.dpo_step_loss(
+    out = objectives_module.dpo_step_loss(
         unet, adapter, adapter, scheduler, torch.cat([latents, latents]), TextConditioning(torch.randn(3, 77, 32)),
         None, torch.randn(3, USER_DIM), torch.zeros(3, dtype=torch.bool), beta=1.0,
     )
@@ -302,7 +302,7 @@ def test_reference_pass_runs_first_without_adapter_or_autograd(tiny_sd15_path):
     unet, scheduler, adapter = unet_with_random_adapter(tiny_sd15_path)
     calls = []
     unet.register_forward_pre_hook(lambda module, args: calls.append((adapter.enabled, torch.is_grad_enabled())))
-    trainer_module.dpo_step_loss(
+    objectives_module.dpo_step_loss(
         unet, adapter, adapter, scheduler, torch.randn(4, 4, 8, 8), TextConditioning(torch.randn(2, 77, 32)),
         None, torch.randn(2, USER_DIM), torch.zeros(2, dtype=torch.bool), beta=1.0,
     )
@@ -318,13 +318,13 @@ def test_timestep_bias_decides_which_timesteps_the_unet_sees(tiny_sd15_path, tra
     inputs = (torch.randn(64, 4, 8, 8), TextConditioning(torch.randn(32, 77, 32)), None,
               torch.randn(32, USER_DIM), torch.zeros(32, dtype=torch.bool))
     weights = timestep_weights(scheduler.config.num_train_timesteps, "earlier", multiplier=0.0, portion=0.5)
-    trainer_module.dpo_step_loss(unet, adapter, adapter, scheduler, *inputs, 1.0, 0.0, weights)
+    objectives_module.dpo_step_loss(unet, adapter, adapter, scheduler, *inputs, 1.0, 0.0, weights)
     model_t, reference_t = seen
     assert torch.equal(model_t, reference_t) and torch.equal(model_t[:32], model_t[32:])  # shared per pair
     assert model_t.min() >= 500 and len(set(model_t.tolist())) > 10
     seen.clear()
     torch.manual_seed(3)
-    trainer_module.dpo_step_loss(unet, adapter, adapter, scheduler, *inputs, 1.0)
+    objectives_module.dpo_step_loss(unet, adapter, adapter, scheduler, *inputs, 1.0)
     torch.manual_seed(3)
     torch.randn(32, 4, 8, 8)  # the step draws its noise first
     assert torch.equal(seen[0][:32], torch.randint(0, 1000, (32,)))  # no bias: the draws of before
@@ -347,7 +347,7 @@ def test_chosen_loss_weight_adds_the_chosen_error_gap_to_the_step_loss(
     losses = {}
     for weight in (0.0, 4.0):
         torch.manual_seed(1)  # the same noise and timesteps for both weights
-        losses[weight] = trainer_module.dpo_step_loss(unet, adapter, adapter, scheduler, *inputs, 1.0, weight)
+        losses[weight] = objectives_module.dpo_step_loss(unet, adapter, adapter, scheduler, *inputs, 1.0, weight)
     gap = losses[0.0].chosen_mse_gap.item()
     assert gap != pytest.approx(0.0, abs=1e-6)
     assert losses[4.0].loss.item() == pytest.approx(losses[0.0].loss.item() + 4.0 * gap, rel=1e-6)
@@ -355,7 +355,7 @@ def test_chosen_loss_weight_adds_the_chosen_error_gap_to_the_step_loss(
     data, embeds = training_set  # the trainer passes the configured weight to every step
     trainer = PSATrainer(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "run", chosen_loss_weight=2.5))
     captured = []
-    monkeypatch.setattr(trainer_module, "dpo_step_loss", lambda *args: captured.append(args))
+    monkeypatch.setattr(objectives_module, "dpo_step_loss", lambda *args: captured.append(args))
     trainer._micro_step(collate_pairs([trainer.dataset[(0, i)] for i in range(2)]))
     assert captured[0][9:] == (trainer.config.beta_dpo, 2.5, None)  # None: uniform timesteps
 

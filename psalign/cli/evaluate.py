@@ -31,6 +31,7 @@ from psalign.cli.common import HelpFormatter, default_text, given, run_program
 from psalign.inference.generate import LOG_NAME
 from psalign.inference.records import GRIDS_FOLDER
 from psalign.inference.run import DEFAULT_OUTPUT_DIR
+from psalign.io import InputError, InputProblem
 from psalign.metrics.clip import DEFAULT_CLIP_MODEL
 from psalign.metrics.evaluation import (
     DEFAULT_METRICS,
@@ -184,6 +185,9 @@ def evaluation_config(args: argparse.Namespace, log=print) -> EvaluationConfig:
     reported through ``log``)."""
     options = given(args, EvaluationConfig)
     targets = list(options.pop("target_folders", [DEFAULT_OUTPUT_DIR]))
+    if targets == [DEFAULT_OUTPUT_DIR] and not DEFAULT_OUTPUT_DIR.is_dir():
+        raise InputError([InputProblem("--target_folder", 0, f"not given, and {DEFAULT_OUTPUT_DIR}/ (where infer.py "
+                                       "writes by default) does not exist here: pass the folder of your images")])
     groups = [group for target in targets for group in image_groups(target)]
     if groups != targets:
         log(f"evaluating {len(groups)} group(s): " + ", ".join(str(g) for g in groups))

@@ -20,14 +20,16 @@ import yaml
 from psalign.adapter.adapter import SDXL_MICRO_CONDITIONINGS
 from psalign.io import InputError, InputProblem
 from .timesteps import TIMESTEP_BIAS_STRATEGIES
+from .objectives import OBJECTIVES as OBJECTIVE_REGISTRY
+from .trainables import TRAINABLE_KINDS
 
 #: ``--model_type`` values; ``auto`` detects SDXL from the model's two text encoders.
 MODEL_TYPES = ("auto", "sd15", "sdxl")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 #: ``--trainable`` values: the PSA user adapter, or a PEFT LoRA on the UNet (a SafetyDPO expert).
-TRAINABLES = ("adapter", "lora")
+TRAINABLES = tuple(TRAINABLE_KINDS)
 #: ``--objective`` values (see :mod:`psalign.training.objectives`); ``dpo`` is the published loss.
-OBJECTIVES = ("dpo", "safe_anchor", "dpo_safe_anchor")
+OBJECTIVES = tuple(OBJECTIVE_REGISTRY)
 #: Learning-rate schedules of ``diffusers.optimization.get_scheduler`` usable from a config.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 #: Where a command-line value came from, in error messages.
@@ -213,12 +215,8 @@ def _range_problems(config: TrainingConfig) -> list[tuple[str, str]]:
     """``(field, reason)`` for every value out of its range or missing."""
     problems = [(name, "required (in the YAML file or on the command line)") for name in REQUIRED
                 if getattr(config, name) in (None, "")]
-    if config.trainable == "adapter" and config.embeds_folder in (None, ""):
-        problems.append(("embeds_folder", "required for the PSA adapter (in the YAML file or on the command line)"))
-    if config.trainable == "lora":
-        for name in ("precompute", "validation_steps", "init_adapter"):
-            if getattr(config, name):
-                problems.append((name, "not supported with trainable lora"))
+    if config.trainable in TRAINABLE_KINDS:  # the trainable's own needs
+        problems += TRAINABLE_KINDS[config.trainable].config_problems(config)
     for name in _FIELDS:
         choices = _FIELDS[name].metadata.get("choices")
         if choices and getattr(config, name) not in choices:

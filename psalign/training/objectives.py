@@ -12,6 +12,10 @@ adapted pass, and returns the objective's loss from :mod:`psalign.loss`:
   ``anchor_text``, the caption that drew the chosen image;
 * ``dpo_safe_anchor`` (:func:`dpo_safe_anchor_step_loss`): both, on one noise and timestep per pair.
 
+:data:`OBJECTIVES` names them for the trainer and the config (``--objective``): each
+:class:`Objective` says whether it needs the caption that drew each chosen image and computes its
+loss from one :class:`MicroBatch`. A new objective is one step function and one entry there.
+
 Shapes: ``latents`` (2B, C, h, w) are ``[chosen; rejected]``; ``text`` and ``anchor_text`` have
 B rows (after dropout), ``time_ids`` (B, 6) or None, ``user_embeds`` (B, D) and ``null_user``
 (B,) bool (both None for trainable weights without a user, such as a LoRA).
@@ -19,6 +23,9 @@ B rows (after dropout), ``time_ids`` (B, 6) or None, ``user_embeds`` (B, D) and 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -33,6 +40,9 @@ from psalign.loss import (
 
 from .conditioning import TextConditioning, unet_conditioning
 from .timesteps import sample_timesteps
+
+if TYPE_CHECKING:
+    from .config import TrainingConfig
 
 
 def _noisy(noise_scheduler, latents: torch.Tensor, timestep_weights: torch.Tensor | None, dtype: torch.dtype):
@@ -160,3 +170,59 @@ def anchor_conditioning(
     if null_user is not None:
         anchor = anchor.where(null_user, prompt_text)
     return anchor.where(drop_text, empty_text)
+
+
+@dataclass
+class MicroBatch:
+    """What every objective's loss is computed from (shapes as in the module docstring);
+    ``anchor_text`` is None unless the objective needs the chosen image's caption."""
+
+    unet: torch.nn.Module
+    adapter_module: torch.nn.Module
+    adapter: torch.nn.Module
+    noise_scheduler: object
+    latents: torch.Tensor
+    text: TextConditioning
+    anchor_text: TextConditioning | None
+    time_ids: torch.Tensor | None
+    user_embeds: torch.Tensor | None
+    null_user: torch.Tensor | None
+    timestep_weights: torch.Tensor | None
+
+    @property
+    def models(self) -> tuple:
+        return self.unet, self.adapter_module, self.adapter, self.noise_scheduler, self.latents
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One ``--objective``: its micro-batch loss, and whether it needs the caption that drew each
+    pair's chosen image (``anchor_text``; Sage's ``_s``/``_u`` names or an expert pair's
+    ``chosen_caption``)."""
+
+    loss: Callable[[MicroBatch, "TrainingConfig"], LossOutput]
+    needs_chosen_caption: bool = False
+
+
+def _dpo(batch: MicroBatch, config: "TrainingConfig") -> DPOLossOutput:
+    return dpo_step_loss(*batch.models, batch.text, batch.time_ids, batch.user_embeds, batch.null_user,
+                         config.beta_dpo, config.chosen_loss_weight, batch.timestep_weights)
+
+
+def _safe_anchor(batch: MicroBatch, config: "TrainingConfig") -> LossOutput:
+    return safe_anchor_step_loss(*batch.models, batch.text, batch.anchor_text, batch.time_ids, batch.user_embeds,
+                                 batch.null_user, batch.timestep_weights)
+
+
+def _dpo_safe_anchor(batch: MicroBatch, config: "TrainingConfig") -> LossOutput:
+    return dpo_safe_anchor_step_loss(*batch.models, batch.text, batch.anchor_text, batch.time_ids,
+                                     batch.user_embeds, batch.null_user, config.beta_dpo, config.chosen_loss_weight,
+                                     config.anchor_loss_weight, batch.timestep_weights)
+
+
+#: Every ``--objective`` by name; ``dpo`` (the published loss) first, the default.
+OBJECTIVES: dict[str, Objective] = {
+    "dpo": Objective(_dpo),
+    "safe_anchor": Objective(_safe_anchor, needs_chosen_caption=True),
+    "dpo_safe_anchor": Objective(_dpo_safe_anchor, needs_chosen_caption=True),
+}

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from psalign.io import atomic_path, atomic_write, file_sha256
 
 from .conditioning import FrozenTextEncoders, TextConditioning, vae_latents
+from .objectives import OBJECTIVES
 from .data import SeededPairs, collate_pairs
 
 CACHE_INFO = "cache_info.json"
@@ -76,7 +77,7 @@ def cache_info(config, model_type: str, metadata: Path, num_pairs: int) -> dict:
         "metadata_sha256": file_sha256(metadata),
         "num_pairs": num_pairs,
     }
-    if config.objective in ("safe_anchor", "dpo_safe_anchor"):
+    if OBJECTIVES[config.objective].needs_chosen_caption:
         info["chosen_caption_embeds"] = True
     return info
 

@@ -20,6 +20,8 @@ With ``trainable: lora`` the same loop trains a SafetyDPO safety expert instead:
 the UNet (:class:`psalign.training.lora.UNetLoRA`, the reference being the UNet with the LoRA
 off) on expert pairs (:class:`psalign.safetydpo.data.ExpertPairDataset`); there is no user, so
 no user dropout, and the result is a diffusers LoRA (``pytorch_lora_weights.safetensors``).
+Everything that depends on what is trained (its data, its checks, building and saving it) is
+asked of its :class:`~.trainables.TrainableKind`; the loop itself has no branch on it.
 """
 
 from __future__ import annotations
@@ -28,21 +30,16 @@ import json
 import os
 import shutil
 import time
-import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.tracking import GeneralTracker
 
-from psalign.adapter import PSAAdapter, convert_published_checkpoint, inspect_adapter
-from psalign.embeddings import load_embedding_stats, load_user_embedding
-from psalign.io import InputError, InputProblem, atomic_write
+from psalign.io import InputError, InputProblem
 from psalign.loss import DPOLossOutput, LossOutput
 
 from . import checkpoints
-from .checks import expert_data_problems, pair_data_problems
 from .conditioning import (
     SDXL,
     FrozenTextEncoders,
@@ -52,7 +49,7 @@ from .conditioning import (
     vae_latents,
 )
 from .config import TrainingConfig
-from .data import SeededPairs, micro_batches, resolve_train_data
+from .data import SeededPairs, micro_batches
 from .precompute import (
     CachedPairs,
     cache_files,
@@ -62,8 +59,9 @@ from .precompute import (
     precompute_cache,
     write_cache_info,
 )
-from .objectives import anchor_conditioning, dpo_safe_anchor_step_loss, dpo_step_loss, safe_anchor_step_loss
+from .objectives import OBJECTIVES, MicroBatch, anchor_conditioning
 from .timesteps import timestep_weights
+from .trainables import TRAINABLE_KINDS, TrainableData
 from .validation import grid_array, save_grid, validation_grid, validation_pipeline
 
 #: Every optimizer step logs its objective's values (``logged`` of :mod:`psalign.loss`'s outputs) plus ``lr``,
@@ -94,13 +92,13 @@ class TrainingInputs:
 
     metadata: Path
     model_type: str
-    pairs: torch.utils.data.Dataset
-    embed_mean: np.ndarray | None  # None for a LoRA (no user embeddings)
-    embed_std: np.ndarray | None
-    validation_users: list[str]
-    validation_embeds: torch.Tensor
+    data: TrainableData  # the pairs, and the user embeddings when the trainable has users
     resume: checkpoints.CheckpointInfo | None
     trackers: list[str]
+
+    @property
+    def pairs(self) -> torch.utils.data.Dataset:
+        return self.data.pairs
 
 
 def _requested_trackers(report_to: str) -> list[str]:
@@ -110,114 +108,46 @@ def _requested_trackers(report_to: str) -> list[str]:
 
 def check_inputs(config: TrainingConfig) -> TrainingInputs:
     """Read and check every input (data, embeddings, model type, trackers, resume point, cache)
-    without loading a model; every problem is reported at once as :class:`InputError`."""
+    without loading a model; every problem is reported at once as :class:`InputError`. What
+    depends on the kind of trainable weights is asked of its :class:`~.trainables.TrainableKind`."""
     from accelerate.tracking import get_available_trackers
 
     from psalign.inference.pipeline import model_problems
-    from psalign.sage import PreferencePairDataset
 
     problems: list[InputProblem] = []
-
-    def problem(where: str, reason: str, field: str | None = None) -> None:
-        problems.append(InputProblem(where, 0, reason, field))
-
-    metadata = image_root = model_type = resume = None
-    lora = config.trainable == "lora"
-    try:
-        if lora:
-            metadata = Path(config.train_data)
-            if not metadata.is_file():
-                raise FileNotFoundError(f"{metadata} not found: --train_data must be an expert_pairs.jsonl for a LoRA")
-        else:
-            metadata, image_root = resolve_train_data(config.train_data)
-    except FileNotFoundError as err:
-        problem(str(config.train_data), str(err), "train_data")
+    kind = TRAINABLE_KINDS[config.trainable]
+    location = kind.locate_data(config, problems)
+    model_type = None
     if model_issues := model_problems(config.pretrained_model):  # before a hub id could be downloaded
         problems += [replace(issue, field="pretrained_model") for issue in model_issues]
     else:
         try:
             model_type = resolve_model_type(config.pretrained_model, config.model_type)
         except (OSError, ValueError) as err:
-            problem(str(config.pretrained_model), f"not a usable diffusers pipeline: {err}", "pretrained_model")
-    stats = None
-    if not lora and not Path(config.embeds_folder).is_dir():
-        problem(str(config.embeds_folder), "embeddings folder not found", "embeds_folder")
-    elif not lora:
-        try:
-            stats = load_embedding_stats(config.embeds_folder)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-            problem(str(config.embeds_folder), f"unreadable embedding statistics: {err}", "embeds_folder")
+            problems.append(InputProblem(str(config.pretrained_model), 0, f"not a usable diffusers pipeline: {err}",
+                                         "pretrained_model"))
     resume, resume_problems = _resume_problems(config)
     problems += resume_problems + _launch_problems()
-    if metadata is not None and lora and metadata.is_file():
-        problems += expert_data_problems(metadata)
-    elif metadata is not None and not lora:
-        embeds_folder = config.embeds_folder if Path(config.embeds_folder).is_dir() else None
-        problems += pair_data_problems(metadata, image_root, embeds_folder, stats)
     trackers = _requested_trackers(config.report_to)
     available = {str(t) for t in get_available_trackers()}
     for name in trackers:
         if name != "all" and name not in available:
             shown = sorted(available) or "none"
-            problem("--report_to", f"tracker {name!r} is not installed (available: {shown})", "report_to")
+            problems.append(InputProblem("--report_to", 0, f"tracker {name!r} is not installed (available: {shown})",
+                                         "report_to"))
     if problems:
         raise InputError(problems, header=f"{len(problems)} problem(s) with the training inputs")
 
-    if lora:
-        from psalign.safetydpo.data import ExpertPairDataset
-
-        pairs = ExpertPairDataset(
-            metadata, resolution=config.resolution, random_crop=config.random_crop, random_flip=config.random_flip
-        )
-        problems += _checkpoint_weight_problems(resume, None)
-        problems += _anchor_caption_problems(config, [pair.chosen_caption for pair in pairs.pairs], metadata)
-        if problems:
-            raise InputError(problems, header=f"{len(problems)} problem(s) with the training inputs")
-        return TrainingInputs(metadata, model_type, pairs, None, None, [], torch.empty(0), resume, trackers)
-    pairs = PreferencePairDataset(
-        metadata,
-        image_root,
-        config.embeds_folder,
-        resolution=config.resolution,
-        random_crop=config.random_crop,
-        random_flip=config.random_flip,
-    )
-    dim = next(iter(pairs.user_embeds.values())).shape[0]
-    mean, std = stats
-    if mean.shape != (dim,):
-        problem(
-            str(Path(config.embeds_folder) / "embedding_stats.npz"),
-            f"statistics have dimension {mean.shape[0]} but the user embeddings have {dim}",
-        )
-    problems += _checkpoint_weight_problems(resume, dim)
-    problems += _init_adapter_problems(config, dim)
-    problems += _anchor_caption_problems(config, pairs.chosen_captions, metadata)
-    users = list(config.validation_users) or list(dict.fromkeys(pairs.user_ids))[:2]
-    embeds = []
-    if config.validation_steps:
-        for user_id in users:
-            try:
-                embeds.append(torch.from_numpy(load_user_embedding(config.embeds_folder, user_id)))
-            except (OSError, ValueError) as err:
-                problem(str(config.embeds_folder), str(err), "validation_users")
+    data = kind.read_data(config, location, resume, problems)
+    problems += _anchor_caption_problems(config, data.chosen_captions, location.metadata)
     if config.precompute:
         try:
-            check_cache_info(_cache_dir(config), cache_info(config, model_type, metadata, len(pairs)))
+            check_cache_info(_cache_dir(config), cache_info(config, model_type, location.metadata, len(data.pairs)))
         except ValueError as err:
-            problem(str(_cache_dir(config)), str(err), "cache_dir")
+            problems.append(InputProblem(str(_cache_dir(config)), 0, str(err), "cache_dir"))
     if problems:
         raise InputError(problems, header=f"{len(problems)} problem(s) with the training inputs")
-    return TrainingInputs(
-        metadata=metadata,
-        model_type=model_type,
-        pairs=pairs,
-        embed_mean=mean,
-        embed_std=std,
-        validation_users=users if config.validation_steps else [],
-        validation_embeds=torch.stack(embeds) if embeds else torch.empty(0, dim),
-        resume=resume,
-        trackers=trackers,
-    )
+    return TrainingInputs(location.metadata, model_type, data, resume, trackers)
 
 
 def _resume_problems(config: TrainingConfig) -> tuple[checkpoints.CheckpointInfo | None, list[InputProblem]]:
@@ -253,66 +183,9 @@ def _launch_problems() -> list[InputProblem]:
             for name in plugins]
 
 
-def _checkpoint_weight_problems(
-    resume: checkpoints.CheckpointInfo | None, user_embed_dim: int | None
-) -> list[InputProblem]:
-    """A resumed checkpoint whose weights are not of this run's kind (adapter or LoRA) or user dimension."""
-    if resume is None:
-        return []
-    where, shapes = str(resume.path / checkpoints.MODEL_FILE), resume.model_shapes
-    if user_embed_dim is None:
-        if any(not name.startswith("factors.") for name in shapes):
-            return [InputProblem(where, 0, "holds no LoRA factors (a PSA adapter checkpoint?)",
-                                 "resume_from_checkpoint")]
-        return []
-    projection = shapes.get("user_proj.proj.weight")
-    if projection is None or len(projection) != 2:
-        return [InputProblem(where, 0, "holds no PSA adapter weights (a LoRA checkpoint?)", "resume_from_checkpoint")]
-    if projection[1] != user_embed_dim:
-        return [InputProblem(where, 0, f"the adapter takes user embeddings of dimension {projection[1]}, but the "
-                                       f"training embeddings have {user_embed_dim}", "resume_from_checkpoint")]
-    return []
-
-
-def _init_adapter_problems(config: TrainingConfig, user_embed_dim: int) -> list[InputProblem]:
-    """An ``init_adapter`` that cannot initialise this run's adapter: unreadable, or another user
-    embedding dimension or number of user tokens (read from its headers; nothing is loaded)."""
-    if config.init_adapter is None:
-        return []
-    where = str(config.init_adapter)
-    try:
-        summary = inspect_adapter(config.init_adapter)
-    except (OSError, ValueError) as error:
-        return [InputProblem(where, 0, str(error), "init_adapter")]
-    problems = []
-    if summary.user_embed_dim != user_embed_dim:
-        problems.append(InputProblem(where, 0, f"the adapter takes user embeddings of dimension "
-                                               f"{summary.user_embed_dim}, but the training embeddings have "
-                                               f"{user_embed_dim}", "init_adapter"))
-    if summary.num_user_tokens != config.num_user_tokens:
-        problems.append(InputProblem(where, 0, f"the adapter has {summary.num_user_tokens} user token(s), but "
-                                               f"num_user_tokens is {config.num_user_tokens}", "init_adapter"))
-    return problems
-
-
-def init_adapter_state(path: str | Path, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of the adapter at ``path`` (a psalign folder or a published checkpoint), checked
-    against ``unet``'s cross-attention layers; :class:`InputError` naming ``init_adapter`` when they differ."""
-    summary = inspect_adapter(path)
-    try:
-        if summary.layout == "psalign":
-            source = PSAAdapter.from_pretrained(path)
-        else:
-            source = convert_published_checkpoint(path, unet)
-        source.check_unet(unet)
-    except ValueError as error:
-        raise InputError([InputProblem(str(path), 0, str(error), "init_adapter")]) from None
-    return source.state_dict()
-
-
 def _anchor_caption_problems(config: TrainingConfig, captions: list[str | None], metadata: Path) -> list[InputProblem]:
     """A safe-anchor objective needs the caption that drew every pair's chosen image."""
-    if config.objective not in ("safe_anchor", "dpo_safe_anchor"):
+    if not OBJECTIVES[config.objective].needs_chosen_caption:
         return []
     missing = [i for i, caption in enumerate(captions) if caption is None]
     if not missing:
@@ -326,14 +199,6 @@ def _anchor_caption_problems(config: TrainingConfig, captions: list[str | None],
 
 def _cache_dir(config: TrainingConfig) -> Path:
     return Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"
-
-
-def build_adapter(unet: torch.nn.Module, user_embed_dim: int, config: TrainingConfig) -> PSAAdapter:
-    """A fresh fp32 adapter for ``unet``, initialised from ``config.seed`` (the global RNG is left alone)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        return PSAAdapter.for_unet(unet, user_embed_dim, num_user_tokens=config.num_user_tokens,
-                                   sdxl_micro_conditioning=config.sdxl_micro_conditioning)
 
 
 class JSONLinesTracker(GeneralTracker):
@@ -380,6 +245,7 @@ class PSATrainer:
         from accelerate.utils import ProjectConfiguration
 
         self.config = config
+        self.kind = TRAINABLE_KINDS[config.trainable]
         self.inputs = check_inputs(config)
         self.output_dir = Path(config.output_dir)
         self.accelerator = Accelerator(
@@ -433,23 +299,7 @@ class PSATrainer:
         self.unet.requires_grad_(False).eval().to(device, self.dtype)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        if config.trainable == "lora":
-            from .lora import UNetLoRA
-
-            with torch.random.fork_rng(devices=[]):  # seeded LoRA init; the global RNG is left alone
-                torch.manual_seed(config.seed)
-                self.adapter = UNetLoRA(self.unet, config.lora_rank, config.lora_alpha)
-            if not config.precompute:
-                self._load_frozen_encoders()
-            return
-        dim = self.inputs.embed_mean.shape[0]
-        self.adapter = build_adapter(self.unet, dim, config)
-        if config.init_adapter is not None:  # a resumed checkpoint's weights replace these in train()
-            self.adapter.load_state_dict(init_adapter_state(config.init_adapter, self.unet))
-        self.adapter.set_embedding_stats(
-            torch.from_numpy(self.inputs.embed_mean), torch.from_numpy(self.inputs.embed_std)
-        )
-        self.adapter.attach(self.unet)
+        self.adapter = self.kind.build(self.unet, config, self.inputs.data)
         if not config.precompute:
             self._load_frozen_encoders()
 
@@ -531,7 +381,7 @@ class PSATrainer:
     @property
     def uses_anchor(self) -> bool:
         """Whether the objective needs the chosen image's caption (a safe-anchor term)."""
-        return self.config.objective in ("safe_anchor", "dpo_safe_anchor")
+        return OBJECTIVES[self.config.objective].needs_chosen_caption
 
     def _micro_step(self, batch: dict) -> DPOLossOutput | LossOutput:
         config, device = self.config, self.accelerator.device
@@ -540,16 +390,12 @@ class PSATrainer:
         drop_text = torch.rand(pairs, device=device) < config.proportion_empty_prompts
         null_user = None if user_embeds is None else torch.rand(pairs, device=device) < config.user_dropout
         text = prompt_text.where(drop_text, self._empty_text())
-        models = (self.unet, self.adapter_module, self.adapter, self.noise_scheduler, latents)
-        if config.objective == "dpo":
-            return dpo_step_loss(*models, text, time_ids, user_embeds, null_user, config.beta_dpo,
-                                 config.chosen_loss_weight, self.timestep_weights)
-        anchor_text = anchor_conditioning(chosen_text, prompt_text, self._empty_text(), null_user, drop_text)
-        if config.objective == "safe_anchor":
-            return safe_anchor_step_loss(*models, text, anchor_text, time_ids, user_embeds, null_user,
-                                         self.timestep_weights)
-        return dpo_safe_anchor_step_loss(*models, text, anchor_text, time_ids, user_embeds, null_user, config.beta_dpo,
-                                         config.chosen_loss_weight, config.anchor_loss_weight, self.timestep_weights)
+        anchor_text = None
+        if self.uses_anchor:
+            anchor_text = anchor_conditioning(chosen_text, prompt_text, self._empty_text(), null_user, drop_text)
+        batch = MicroBatch(self.unet, self.adapter_module, self.adapter, self.noise_scheduler, latents, text,
+                           anchor_text, time_ids, user_embeds, null_user, self.timestep_weights)
+        return OBJECTIVES[config.objective].loss(batch, config)
 
     # ------------------------------------------------------------------ run
     def train(self) -> Path:
@@ -582,7 +428,7 @@ class PSATrainer:
             num_workers=config.dataloader_num_workers,
         )
         bar = tqdm(
-            total=config.max_train_steps, initial=self.progress.global_step, desc="PSA training" if config.trainable == "adapter" else "LoRA training", unit="step",
+            total=config.max_train_steps, initial=self.progress.global_step, desc=f"{self.kind.label} training", unit="step",
             disable=not accelerator.is_local_main_process,
         )
         sums, names, micro, started = None, (), 0, time.perf_counter()
@@ -627,36 +473,13 @@ class PSATrainer:
         accelerator.wait_for_everyone()
         # The full weights, gathered from every process when a plugin (FSDP, ZeRO-3) shards them.
         state = accelerator.get_state_dict(self.adapter_module)
-        if accelerator.is_main_process and self.config.trainable == "lora":
-            self._save_lora(state)
-        elif accelerator.is_main_process:
-            final = PSAAdapter(self.adapter.config)
-            final.load_state_dict(state)
-            final.save_pretrained(
-                self.output_dir,
-                extra={
-                    "training_args": config.to_dict(),
-                    "global_step": self.progress.global_step,
-                    "model_type": self.inputs.model_type,
-                },
-            )
-            accelerator.print(f"PSA adapter written to {self.output_dir}")
+        if accelerator.is_main_process:
+            info = {"training_args": config.to_dict(), "global_step": self.progress.global_step,
+                    "model_type": self.inputs.model_type}
+            path = self.kind.save(self.adapter, state, self.output_dir, info, self.is_sdxl)
+            accelerator.print(f"{self.kind.written} written to {path}")
         accelerator.end_training()
         return self.output_dir
-
-    def _save_lora(self, state: dict[str, torch.Tensor]) -> None:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        pipeline_class = StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
-        path = self.adapter.save_pretrained(self.output_dir, pipeline_class, state)
-        info = {
-            "training_args": self.config.to_dict(),
-            "global_step": self.progress.global_step,
-            "model_type": self.inputs.model_type,
-        }
-        with atomic_write(self.output_dir / "training_info.json") as handle:
-            json.dump(info, handle, indent=2)
-        self.accelerator.print(f"LoRA expert written to {path}")
 
     def _last_good_checkpoint_advice(self) -> str:
         """Names this run's newest checkpoint with finite weights, and how to resume from it."""
@@ -756,8 +579,8 @@ class PSATrainer:
             grid = validation_grid(
                 pipe,
                 self.adapter,
-                self.inputs.validation_embeds,
-                self.inputs.validation_users,
+                self.inputs.data.validation_embeds,
+                self.inputs.data.validation_users,
                 config.validation_prompts,
                 config.resolution,
                 config.validation_num_inference_steps,
