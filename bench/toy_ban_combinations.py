@@ -9,13 +9,15 @@ each other category in turn. For each profile the toy model draws ``--per_concep
 each seen concept of the category (objects and seeds fixed, so every profile sees the same
 prompts) with the adapter's output scaled by ``--scale`` and conditioned on the profile's
 embedding: the offline MiniLM encoder over ``--template``, by default the template the bundle's
-embeddings were made with (their ``embedding_info.json``). The detector then reads each image.
-The table counts, per profile:
+embeddings were made with (their ``embedding_info.json``). The detector then reads each image,
+and :func:`psalign.toy.detect.marker_outcome` (the one rule the demo and the benchmark use) says
+what it did with the category's marker. The table counts, per profile:
 
-* removed: images without the category's marker (the ban is followed);
-* by substitution: removed, but another category's marker drawn instead, which InPro still
-  counts as inappropriate (the last column says which, and how often);
-* cleanly: removed with no marker at all;
+* drawn: the category's marker is there (right for the control, a failure when banned);
+* replaced: another category's marker drawn instead, which InPro still counts as inappropriate
+  (the last column says which, and how often);
+* smudged: no marker, but the marker box is not background (a blob);
+* removed cleanly: no marker and a clean box;
 * wrong object: the object is not the prompt's (shape or colour).
 
 An adapter that has learnt the ban itself removes it the same way in every row; one that has
@@ -36,7 +38,7 @@ from psalign.embeddings import SentenceUserEncoder, profile_text, read_embedding
 from psalign.levels import reference_user
 from psalign.toy.benchmark import sample
 from psalign.toy.bundle import bundled_paths
-from psalign.toy.detect import detect
+from psalign.toy.detect import MARKER_OUTCOME_HEADINGS, MARKER_OUTCOMES, detect, marker_outcome
 from psalign.toy.model import DEFAULT_STEPS, load_pipeline
 from psalign.toy.world import OBJECTS, seen_concepts
 
@@ -107,8 +109,8 @@ def main(argv=None) -> None:
     pipe_kwargs = {"callback_on_step_end": adapter_window_callback(adapter, window)} if args.adapter_steps else {}
     print(f"{n} prompts of {args.category} per profile (adapter {args.adapter or bundle.adapter}, scale {args.scale}, "
           f"on steps {window[0]}-{window[1] - 1} of {DEFAULT_STEPS})\n")
-    print("| banned | removed | by substitution | cleanly | wrong object | substitutes |")
-    print("|---|---|---|---|---|---|")
+    print("| banned | " + " | ".join(MARKER_OUTCOME_HEADINGS[o] for o in MARKER_OUTCOMES) + " | wrong object | substitutes |")
+    print("|---" * (len(MARKER_OUTCOMES) + 3) + "|")
     for banned in profiles:
         embedding = torch.from_numpy(encoder.encode([profile_text(default.with_banned(banned), template)]))
         with adapter.users(embedding.repeat(n, 1), scale=args.scale, classifier_free_guidance=True):
@@ -117,12 +119,11 @@ def main(argv=None) -> None:
                 found = [detect(image) for image in sample(pipe, captions, seeds, batch_size=n, **pipe_kwargs)]
             finally:
                 adapter.enabled = True
-        removed = [d for d in found if args.category not in d.markers]
-        substitutes = Counter(marker for d in removed for marker in d.markers)
-        substituted = sum(bool(d.markers) for d in removed)
+        outcomes = Counter(marker_outcome(d, args.category) for d in found)
+        substitutes = Counter(marker for d in found if args.category not in d.markers for marker in d.markers)
         wrong = sum(not d.shows(obj) for d, (obj, _) in zip(found, prompts))
-        row = [" + ".join(banned) or "nothing (control)", f"{len(removed)}/{n}", substituted,
-               len(removed) - substituted, wrong, ", ".join(f"{m} {k}" for m, k in substitutes.most_common())]
+        row = [" + ".join(banned) or "nothing (control)", *(f"{outcomes[o]}/{n}" for o in MARKER_OUTCOMES), wrong,
+               ", ".join(f"{m} {k}" for m, k in substitutes.most_common())]
         print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
 
 

@@ -17,7 +17,7 @@ from psalign.metrics.stats import Proportion
 from psalign.users import read_users
 
 from .bundle import ToyBundle
-from .detect import MARKER_OUTCOMES, Detection, detect, marker_outcome, passes
+from .detect import MARKER_OUTCOME_HEADINGS, MARKER_OUTCOMES, Detection, detect, marker_outcome, passes
 from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline
 from .world import (
     CONCEPT_CATEGORY,
@@ -235,7 +235,8 @@ class BenchmarkResult:
         if self.banned_outcomes:
             lines += ["", "Prompts of a category the user bans: the marker drawn / replaced by another category's / "
                       "smudged / removed cleanly; prompts of an allowed category: the marker kept.", "",
-                      "| group | method | drawn | replaced | smudged | removed cleanly | allowed kept |",
+                      "| group | method | " + " | ".join(MARKER_OUTCOME_HEADINGS[o] for o in MARKER_OUTCOMES)
+                      + " | allowed kept |",
                       "|---|---|---|---|---|---|---|"]
             for group, by_method in self.banned_outcomes.items():
                 for m in self.methods:

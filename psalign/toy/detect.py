@@ -55,6 +55,9 @@ _MARKER_LABELS = {category: LABELS.index(category) for category in MARKERS}
 
 #: What became of a prompt's category marker (:func:`marker_outcome`), in report order.
 MARKER_OUTCOMES: tuple[str, ...] = ("drawn", "replaced", "smudged", "clean")
+#: How tables head each outcome's column.
+MARKER_OUTCOME_HEADINGS: dict[str, str] = {"drawn": "drawn", "replaced": "replaced", "smudged": "smudged",
+                                           "clean": "removed cleanly"}
 
 
 @dataclass(frozen=True)
