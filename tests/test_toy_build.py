@@ -119,10 +119,11 @@ def _kept_units() -> list[dict]:
     return units
 
 
-def test_substitution_pairs_reject_another_categorys_marker_on_the_same_object_for_banned_categories_only():
+def test_substitution_pairs_reject_another_categorys_marker_on_the_same_object_for_banned_categories_only(tmp_path):
     import numpy as np
 
-    from psalign.sage import SageUnit, build_preference_pairs
+    from psalign.sage import SageUnit, build_preference_pairs, chosen_captions
+    from psalign.toy.sage_data import copy_decoy_images
 
     users, _ = toy_users(6, 0, seed=1, random_ban_share=1.0)
     kept = _kept_units()
@@ -136,11 +137,23 @@ def test_substitution_pairs_reject_another_categorys_marker_on_the_same_object_f
     for decoy in decoys:
         user = next(u for u in users if u.user_id == decoy.user_id)
         assert decoy.category in user.banned_categories and decoy.index == SUBSTITUTION_INDEX
-        source = by_image[decoy.unsafe_image.removeprefix("img/")]
+        copied = decoy.unsafe_image.removeprefix("img/decoys/")
+        source = by_image[copied.removesuffix("_decoy.jpg") + "_u.jpg"]
         assert source["category"] != decoy.category  # another category's marker, on the prompt's object
         assert source["safe"] == decoy.safe_caption and decoy.unsafe_caption == f"{decoy.safe_caption} with {decoy.concept}"
     decoy_records = build_preference_pairs(decoys, users)
-    assert all(r["rejected"].endswith("_u.jpg") and r["chosen"].endswith("_s.jpg") for r in decoy_records)
+    assert all(r["rejected"].endswith("_decoy.jpg") and r["chosen"].endswith("_s.jpg") for r in decoy_records)
+    # no record claims its own caption drew a decoy, so the safe-anchor captions stay consistent
+    captions = chosen_captions(records + decoy_records)
+    assert captions[len(records):] == [unit.safe_caption for unit in decoys for _ in (0, 1)]
+    # the decoy images are copies of the kept units' unsafe images
+    (tmp_path / "img").mkdir()
+    for unit in kept:
+        (tmp_path / "img" / unit["unsafe_image"]).write_bytes(unit["unsafe_image"].encode())
+    copy_decoy_images(decoys, tmp_path / "img", "img")
+    for decoy in decoys:
+        copied = tmp_path / decoy.unsafe_image
+        assert copied.read_bytes() == (copied.name.removesuffix("_decoy.jpg") + "_u.jpg").encode()
 
 
 def test_substitution_decoy_names_the_object_it_cannot_find():

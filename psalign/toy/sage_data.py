@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ TOY_PROFILE_TEMPLATE = "The user bans {banned}. The user allows {allowed}."
 TRAIN_METADATA = Path("sage") / "train" / "metadata.jsonl"
 #: Unit index of the substitution unit of unit ``n``: ``SUBSTITUTION_INDEX + n``.
 SUBSTITUTION_INDEX = 90000
+#: Folder (in the image folder) holding a copy of each decoy's unsafe image, see :func:`decoy_image_name`.
+DECOY_FOLDER = "decoys"
 
 
 def toy_users(
@@ -112,10 +115,29 @@ def substitution_decoy(kept: list[dict], category: str, obj: ToyObject, rng: np.
     return candidates[rng.integers(len(candidates))]
 
 
+def decoy_image_name(unsafe_image: str) -> str:
+    """Where a substitution unit finds its decoy's unsafe image: a copy in :data:`DECOY_FOLDER`
+    without the ``_u.jpg`` ending. By the Sage naming a record's ``_u.jpg`` image was drawn from
+    that record's own caption, which is not true of a decoy (another unit's prompt drew it), so
+    :func:`psalign.sage.chosen_captions` must not read it so."""
+    return f"{DECOY_FOLDER}/{Path(unsafe_image).name.removesuffix('_u.jpg')}_decoy.jpg"
+
+
+def copy_decoy_images(units: list[SageUnit], image_folder: Path, images: str) -> None:
+    """Copy each decoy image the substitution ``units`` name (``images``-relative) into
+    ``image_folder`` / :data:`DECOY_FOLDER` from the kept unit's ``_u.jpg`` beside it."""
+    for unit in units:
+        target = image_folder / unit.unsafe_image.removeprefix(f"{images}/")
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image_folder / (target.name.removesuffix("_decoy.jpg") + "_u.jpg"), target)
+
+
 def substitution_units(records: list[dict], users: list[UserProfile], kept: list[dict], images: str,
                        rng: np.random.Generator) -> list[SageUnit]:
     """For each unsafe-caption record of a category its user bans, a unit with the same captions
-    whose images are a :func:`substitution_decoy` of the same object (index ``SUBSTITUTION_INDEX + n``)."""
+    whose images are a :func:`substitution_decoy` of the same object (index ``SUBSTITUTION_INDEX + n``;
+    its unsafe image under :func:`decoy_image_name`, see :func:`copy_decoy_images`)."""
     from psalign.sage import parse_sage_record_name
 
     banned = {u.user_id: set(u.banned_categories) for u in users}
@@ -128,7 +150,7 @@ def substitution_units(records: list[dict], users: list[UserProfile], kept: list
         decoy = substitution_decoy(kept, name.category, obj, rng)
         units.append(SageUnit(name.user_id, name.category, name.concept, SUBSTITUTION_INDEX + name.index,
                               obj.caption(), obj.caption(name.concept), f"{images}/{decoy['safe_image']}",
-                              f"{images}/{decoy['unsafe_image']}"))
+                              f"{images}/{decoy_image_name(decoy['unsafe_image'])}"))
     return units
 
 
@@ -181,6 +203,7 @@ def build_toy_sage(
     records = read_preference_pairs(metadata, metadata.parent)
     if substitution_pairs:
         extra = substitution_units(records, train, kept_units(config), "../../images", np.random.default_rng([seed, 7]))
+        copy_decoy_images(extra, folder / "images", "../../images")
         records = records + build_preference_pairs(extra, train)
         write_preference_pairs(metadata, records)
     filtered = stages["filter"]
