@@ -18,6 +18,12 @@ EXIT_REFUSED = 2
 EXIT_INTERRUPTED = 130
 
 
+def _shown(value: Any) -> str:
+    """A default as ``--help`` shows it: lists comma-joined, ``%`` escaped for argparse."""
+    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return text.replace("%", "%%")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks, and appends ``(default: X)`` to an option's help only
     when the default says something: not for ``None``, ``False``, an empty list or a suppressed
@@ -30,8 +36,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         if default is None or default is False or (isinstance(default, (list, tuple)) and not default):
             return text
-        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
-        return f"{text} (default: {shown.replace('%', '%%')})"
+        return f"{text} (default: {_shown(default)})"
 
 
 def field_default(config_class: type, name: str) -> Any:
@@ -48,9 +53,7 @@ def field_default(config_class: type, name: str) -> Any:
 
 def default_text(config_class: type, name: str) -> str:
     """`` (default: X)`` for an option whose default lives in ``config_class``."""
-    value = field_default(config_class, name)
-    shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-    return f" (default: {shown.replace('%', '%%')})"
+    return f" (default: {_shown(field_default(config_class, name))})"
 
 
 def given(args: argparse.Namespace, config_class: type) -> dict[str, Any]:

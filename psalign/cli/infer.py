@@ -121,8 +121,7 @@ def parse_args(argv: list[str] | None = None) -> InferenceConfig:
     that name users, its adapter) fills in a missing ``--pretrained_model``."""
     args = build_parser().parse_args(argv)
     chosen = {k: v for k, v in vars(args).items() if k in _SETTINGS}
-    config = InferenceConfig(**{k: v for k, v in given(args, InferenceConfig).items()},
-                             settings=GenerationSettings(**chosen))
+    config = InferenceConfig(**given(args, InferenceConfig), settings=GenerationSettings(**chosen))
     if config.sd_model is None:
         if method_name(config) == "base" and config.method is None and _prompts_name_users(config.meta_data):
             config = replace(config, load_psa=True)
