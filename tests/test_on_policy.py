@@ -23,7 +23,10 @@ from psalign.training.on_policy import (
     OnPolicyConfig,
     build_parser,
     config_from_args,
+    originals_for_share,
     run_on_policy,
+    unit_key,
+    with_vouching_records,
 )
 
 from .training_support import SAGE_CAPTIONS, USER_DIM, tiny_config, write_sage_training_set
@@ -229,3 +232,58 @@ def test_the_command_line_keeps_sampling_and_training_arguments_apart(tmp_path):
     refused = OnPolicyConfig(work_dir=str(tmp_path), start_adapter="a", training_overrides={"max_train_steps": 9})
     with pytest.raises(InputError, match="--max_train_steps: set by every round itself"):
         run_on_policy(refused)
+
+
+def test_a_negative_share_draws_whole_units_of_original_records_seeded_by_round():
+    # 50 units of two records each (a user's _u and _s record), in metadata order
+    units = [unit_key(f"user_0000001_violence_a_fierce_clash_{n:05d}.jpg_{v}.jpg") for n in range(50) for v in "us"]
+    assert units[0] == units[1] != units[2]
+    everything = list(range(100))
+    assert originals_for_share(units, 30, None, seed=0, round_index=0) == everything
+    assert originals_for_share(units, 0, 0.25, seed=0, round_index=0) == everything  # nothing to balance yet
+    drawn = originals_for_share(units, 10, 0.25, seed=0, round_index=0)
+    assert len(drawn) == 30 and drawn == sorted(drawn)  # 10 / (10 + 30) = 0.25
+    assert all(index ^ 1 in drawn for index in drawn)  # a record's partner is drawn with it
+    assert len(originals_for_share(units, 9, 0.25, seed=0, round_index=0)) == 28  # 27 asked: whole units, 14
+    assert drawn == originals_for_share(units, 10, 0.25, seed=0, round_index=0)
+    assert drawn != originals_for_share(units, 10, 0.25, seed=0, round_index=1)
+    assert drawn != originals_for_share(units, 10, 0.25, seed=1, round_index=0)
+    assert originals_for_share(units, 90, 0.25, seed=0, round_index=0) == everything  # at most all of them
+    assert unit_key("img_01.png") == "img_01.png"
+
+
+def test_every_negatives_chosen_image_keeps_a_record_that_names_its_caption():
+    records = [
+        {"file_name": "user_0000001_violence_a_fierce_clash_00000.jpg_u.jpg", "chosen": "x_s.jpg", "rejected": "x_u.jpg"},
+        {"file_name": "user_0000001_violence_a_fierce_clash_00000.jpg_s.jpg", "chosen": "x_s.jpg", "rejected": "x_u.jpg"},
+        {"file_name": "user_0000002_violence_a_fierce_clash_00001.jpg_s.jpg", "chosen": "y_s.jpg", "rejected": "y_u.jpg"},
+    ]
+    assert with_vouching_records(records, [0], ["x_s.jpg"]) == [0, 1]  # record 0's caption drew x_u only
+    assert with_vouching_records(records, [1], ["x_s.jpg"]) == [1]
+    assert with_vouching_records(records, [], ["x_s.jpg", "y_s.jpg"]) == [1, 2]
+    assert with_vouching_records(records, [2], []) == [2]
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, -0.5])
+def test_a_negative_share_outside_zero_to_one_is_refused(tmp_path, share):
+    refused = OnPolicyConfig(work_dir=str(tmp_path), start_adapter="a", negative_share=share)
+    with pytest.raises(InputError, match=r"--negative_share: must lie in \(0, 1\)"):
+        run_on_policy(refused)
+
+
+def test_a_round_with_a_negative_share_trains_on_whole_units_of_the_originals(tiny_sd15_path, sage_set,
+                                                                             start_adapter, tmp_path):
+    torch.set_num_threads(1)
+    work = tmp_path / "work"
+    config = _config(work, tiny_sd15_path, sage_set, start_adapter, rounds=1, steps_per_round=1, negative_share=0.5)
+    config.training_overrides["objective"] = "dpo_safe_anchor"  # needs each record's partner
+    run_on_policy(config)
+    folder = work / "round-0"
+    records = read_preference_pairs(folder / "metadata.jsonl", folder)
+    indices = [parse_sage_record_name(r["file_name"]).index for r in records]
+    assert len([i for i in indices if i >= NEGATIVE_INDEX_BASE]) == 2
+    # one unit's two original records drawn for the share, and the banning user's safe-caption record
+    # that says its _s image (both negatives' chosen image) was drawn from the safe rewrite
+    assert None not in chosen_captions(records)
+    assert 4 <= len(indices) <= 5
+    assert json.loads((folder / "round.json").read_text())["original_records"] == len(indices) - 2

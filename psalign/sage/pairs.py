@@ -258,6 +258,20 @@ def read_preference_pairs(
     return records
 
 
+def images_drawn_from_caption(record: Mapping) -> list[str]:
+    """The images of ``record`` (``chosen`` / ``rejected``) that its caption drew: a Sage record
+    (``file_name`` ending ``.jpg_u.jpg`` / ``.jpg_s.jpg``) vouches for its image of the same variant."""
+
+    def variant(name: str) -> str | None:
+        try:
+            return image_variant(name)
+        except ValueError:
+            return None
+
+    own = variant(record["file_name"])
+    return [] if own is None else [image for image in (record["chosen"], record["rejected"]) if variant(image) == own]
+
+
 def chosen_captions(records: Iterable[Mapping]) -> list[str | None]:
     """The caption that drew each record's chosen image, or None where the records do not say.
 
@@ -269,19 +283,10 @@ def chosen_captions(records: Iterable[Mapping]) -> list[str | None]:
     Raises ``ValueError`` when two records say one image was drawn from different captions.
     """
 
-    def variant(name: str) -> str | None:
-        try:
-            return image_variant(name)
-        except ValueError:
-            return None
-
     records = list(records)
     drawn_from: dict[str, str] = {}
     for record in records:
-        own = variant(record["file_name"])
-        for image in (record["chosen"], record["rejected"]):
-            if own is None or variant(image) != own:
-                continue
+        for image in images_drawn_from_caption(record):
             previous = drawn_from.setdefault(image, record["caption"])
             if previous != record["caption"]:
                 raise ValueError(f"{record['file_name']}: image {image} was drawn from {previous!r} by another "

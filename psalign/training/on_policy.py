@@ -21,6 +21,8 @@ Round ``k`` works in ``<work_dir>/round-<k>/``:
    :data:`ROUND_INDEX_STRIDE` x k + the prompt's number in its user's list (never an original
    record's). ``metadata.jsonl`` = the original records + the negatives of rounds 0..k, image
    paths relative to its folder, so ``chosen_captions`` gives every negative the safe rewrite;
+   with ``--negative_share s``, a seeded draw of the original records instead, so many that the
+   negatives are a share s of the round's records;
 4. **train** (``train/``): ``steps_per_round`` optimizer steps of the training config on that
    metadata, the adapter initialised from the round's sampling adapter (``init_adapter``; a
    fresh optimizer and LR schedule each round), resumed from its latest checkpoint when interrupted;
@@ -42,7 +44,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -51,6 +53,7 @@ from psalign.categories import CATEGORIES
 from psalign.io import InputError, InputProblem, atomic_path, atomic_write, read_json_lines, weights_sha256
 from psalign.metrics.inpro import INPRO_FLAGGERS, ImageFlagger
 from psalign.sage import (
+    images_drawn_from_caption,
     parse_sage_record_name,
     read_preference_pairs,
     sage_record_name,
@@ -101,6 +104,10 @@ class OnPolicyConfig:
     guidance_scale: float = 7.5
     sample_batch_size: int = 8
     device: str | None = None  # default: cuda when available
+    negative_share: float | None = None
+    """Share of a round's training records that are negatives (0 < share < 1): the round trains on
+    every negative so far and a seeded draw of original records that makes up the rest. None: on
+    every original record, where a few hundred negatives are a small fraction of the data."""
     inpro_classifiers: Sequence[str] = INPRO_FLAGGERS
     q16_clip_model: str | None = None  # None: evaluate.py's default
     q16_prompts: str | None = None
@@ -204,6 +211,54 @@ def round_prompts(units: dict[str, list[BannedUnit]], round_index: int, users_pe
     return prompts
 
 
+def unit_key(file_name: str) -> str:
+    """The unit a Sage record belongs to: its ``file_name`` without the caption ending (``_u.jpg`` /
+    ``_s.jpg`` after ``.jpg``), shared by a user's two records of one unit; any other name is its own unit."""
+    for ending in (".jpg_u.jpg", ".jpg_s.jpg"):
+        if file_name.endswith(ending):
+            return file_name[: -len("_u.jpg")]
+    return file_name
+
+
+def originals_for_share(units: Sequence[str], negatives: int, share: float | None, seed: int,
+                        round_index: int) -> list[int]:
+    """Indices (sorted) of the original records a round trains on beside ``negatives`` negatives;
+    ``units[i]`` is record i's :func:`unit_key`. All records when ``share`` is None or there are no
+    negatives yet; else whole units in a seeded order (by ``seed`` and the round) until at least
+    ``round(negatives * (1 - share) / share)`` records are drawn, so that a record's partner, which
+    says which caption drew its chosen image, is always drawn with it."""
+    wanted = 0 if share is None or negatives == 0 else round(negatives * (1 - share) / share)
+    if share is None or negatives == 0 or wanted >= len(units):
+        return list(range(len(units)))
+    members: dict[str, list[int]] = {}
+    for index, unit in enumerate(units):
+        members.setdefault(unit, []).append(index)
+    order = list(members)
+    picked: list[int] = []
+    for position in np.random.default_rng([seed, round_index, 1]).permutation(len(order)):
+        if len(picked) >= wanted:
+            break
+        picked += members[order[position]]
+    return sorted(picked)
+
+
+def with_vouching_records(records: Sequence[dict], drawn: Sequence[int], images: Iterable[str]) -> list[int]:
+    """``drawn`` (indices into ``records``) and, for each of ``images`` that no drawn record says its
+    caption drew (:func:`images_drawn_from_caption`), the first record that does: so every
+    negative's chosen (safe) image keeps a record that names the caption it was drawn from."""
+    picked = set(drawn)
+    vouched = {image for i in picked for image in images_drawn_from_caption(records[i])}
+    missing = set(images) - vouched
+    for index, record in enumerate(records):
+        if not missing:
+            break
+        found = missing.intersection(images_drawn_from_caption(record))
+        if found:
+            picked.add(index)
+            missing -= found
+    return sorted(picked)
+
+
 def _round_dir(config: OnPolicyConfig, round_index: int) -> Path:
     return Path(config.work_dir) / f"round-{round_index}"
 
@@ -265,6 +320,9 @@ def _settings_problems(config: OnPolicyConfig) -> list[InputProblem]:
     for name in ("rounds", "steps_per_round", "users_per_round", "num_inference_steps", "sample_batch_size"):
         at_least(name, getattr(config, name), 1)
     at_least("guidance_scale", config.guidance_scale, 0)
+    if config.negative_share is not None and not 0 < config.negative_share < 1:
+        problems.append(InputProblem(COMMAND_LINE, 0, f"must lie in (0, 1), got {config.negative_share}",
+                                     "--negative_share"))
     if config.rounds > MAX_ROUNDS:
         problems.append(InputProblem(COMMAND_LINE, 0, f"at most {MAX_ROUNDS} rounds fit Sage's 5-digit indices",
                                      "--rounds"))
@@ -431,13 +489,16 @@ def run_on_policy(config: OnPolicyConfig, log: Callable[[str], None] = print) ->
             write_preference_pairs(round_dir / NEGATIVES_FILE, _negatives(prompts, flagged, round_dir))
             judged = time.perf_counter()
         negatives = _round_negatives(round_dir)
-        metadata = [_rebased(r, run.image_root, round_dir) for r in run.records]
-        for j in range(k + 1):
-            metadata += [_rebased(r, _round_dir(config, j), round_dir)
-                         for r in _round_negatives(_round_dir(config, j))]
+        all_negatives = [_rebased(r, _round_dir(config, j), round_dir)
+                         for j in range(k + 1) for r in _round_negatives(_round_dir(config, j))]
+        originals = [_rebased(r, run.image_root, round_dir) for r in run.records]
+        kept = originals_for_share([unit_key(r["file_name"]) for r in originals], len(all_negatives),
+                                   config.negative_share, config.sample_seed, k)
+        kept = with_vouching_records(originals, kept, [r["chosen"] for r in all_negatives])
+        metadata = [originals[i] for i in kept] + all_negatives
         write_preference_pairs(round_dir / METADATA_FILE, metadata)
         log(f"round {k}: {len(negatives)} of {len(prompts)} samples flagged; training {config.steps_per_round} steps "
-            f"on {len(metadata)} records")
+            f"on {len(kept)} original records and {len(all_negatives)} negatives")
         training_started = time.perf_counter()
         train(_round_training_config(config, k, round_dir / METADATA_FILE, adapter))
         trained_at = time.perf_counter()
@@ -451,7 +512,8 @@ def run_on_policy(config: OnPolicyConfig, log: Callable[[str], None] = print) ->
             "flagged": _per_category([parse_sage_record_name(r["file_name"]).category for r in negatives],
                                      sample_categories),
             "classifiers": list(config.inpro_classifiers),
-            "negatives_so_far": len(metadata) - len(run.records),
+            "negatives_so_far": len(all_negatives),
+            "original_records": len(kept),
             "steps": config.steps_per_round,
             "trained_adapter": str(trained),
             # of the call that finished the round (a resumed stage counts only what was left of it)
@@ -484,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="banned units drawn per user and round (default: all of them)")
     rounds.add_argument("--sample_seed", type=int, default=0,
                         help="seed of the user and unit draws and of the per-image sampling seeds (default: 0)")
+    rounds.add_argument("--negative_share", type=float, default=None,
+                        help="share of each round's training records that are negatives; the rest is a seeded "
+                             "draw of the original records (default: every original record)")
     rounds.add_argument("--num_inference_steps", type=int, default=30, help="denoising steps (default: 30)")
     rounds.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
     rounds.add_argument("--sample_batch_size", type=int, default=8, help="images per pipeline call (default: 8)")
