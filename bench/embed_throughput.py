@@ -1,4 +1,4 @@
-"""Users embedded per second by CausalLMUserEncoder: batched vs one user at a time, on this machine.
+"""Users embedded per second by CausalLMUserEncoder: batched vs one user at a time (the header names the device).
 
     python bench/embed_throughput.py                      # a tiny random Llama-shaped LM, built on the spot
     python bench/embed_throughput.py --model PATH_OR_ID   # any causal LM

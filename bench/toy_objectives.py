@@ -13,7 +13,8 @@ skipped when its adapter exists, resumed when it has checkpoints):
 * ``dpo+safe_anchor`` / ``dpo+dpo_safe_anchor``: ``--finetune_steps`` more steps with that
   objective (lr ``--finetune_lr``), starting from the ``dpo`` variant's adapter (or ``--dpo_adapter``).
 
-``--steps`` sets every from-scratch variant's ``max_train_steps`` (default: the config's).
+``--steps`` sets every from-scratch variant's ``max_train_steps`` (default: the config's);
+``--anchor_latents both`` takes the anchor variants' anchor term at the rejected latents too.
 Images go under ``--out/<variant>/bench``; the table gives, per variant, the strict pass rates,
 the share of banned prompts whose marker was replaced / removed cleanly (worst prompt set or
 level), the allowed markers kept (worst level) and the largest InPro distance from the ideal.
@@ -29,6 +30,7 @@ import torch
 from psalign.toy.benchmark import BenchmarkSpec, run_benchmark, target_checks
 from psalign.toy.build import DEFAULT_PSA_CONFIG
 from psalign.toy.bundle import bundled_paths
+from psalign.training.objectives import ANCHOR_LATENTS
 from psalign.toy.sage_data import TRAIN_METADATA
 
 VARIANTS = ("dpo", "safe_anchor", "dpo_safe_anchor", "dpo+safe_anchor", "dpo+dpo_safe_anchor")
@@ -48,7 +50,8 @@ def _overrides(args: argparse.Namespace, variant: str, out: Path) -> dict:
         values["max_train_steps"] = args.steps
     objective = variant.removeprefix("dpo+")
     if objective != "dpo":
-        values.update(objective=objective, anchor_loss_weight=args.anchor_loss_weight)
+        values.update(objective=objective, anchor_loss_weight=args.anchor_loss_weight,
+                      anchor_latents=args.anchor_latents)
     if variant.startswith("dpo+"):
         dpo = args.dpo_adapter or args.out / "dpo" / "run"
         values.update(init_adapter=str(dpo), max_train_steps=args.finetune_steps, learning_rate=args.finetune_lr)
@@ -73,6 +76,8 @@ def main(argv=None) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_PSA_CONFIG, help="training YAML (default: configs/toy.yaml)")
     parser.add_argument("--steps", type=int, default=None, help="max_train_steps of the from-scratch variants")
     parser.add_argument("--anchor_loss_weight", type=float, default=30.0, help="anchor weight of the dpo_safe_anchor variants")
+    parser.add_argument("--anchor_latents", choices=ANCHOR_LATENTS, default="chosen",
+                        help="where the anchor variants take the anchor term (default: %(default)s)")
     parser.add_argument("--finetune_steps", type=int, default=2000, help="steps of the dpo+safe_anchor fine-tune")
     parser.add_argument("--finetune_lr", type=float, default=5e-4, help="learning rate of the fine-tune")
     parser.add_argument("--dpo_adapter", type=Path, default=None,

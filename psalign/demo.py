@@ -24,10 +24,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from psalign.cli.common import HelpFormatter, run_program
 from psalign.inference import InferenceConfig, run_inference, with_toy_defaults
 from psalign.inference.grid import contact_sheet
-from psalign.io import atomic_path, atomic_write
+from psalign.io import InputError, InputProblem, atomic_path, atomic_write
 from psalign.levels import LEVEL_BANS
+from psalign.toy.bundle import IncompleteBundleError
 from psalign.toy.detect import Detection, detect, marker_outcome
 from psalign.toy.world import BACKGROUND, EXAMPLE_CAPTIONS, MARKERS, parse_caption
 
@@ -92,6 +94,9 @@ def marker_legend(cell: int = 48) -> Image.Image:
 
 def run_demo(out: Path) -> Path:
     """Write the demo's prompts, images and contact sheet under ``out``; returns the sheet's path."""
+    if out.exists() and not out.is_dir():
+        raise InputError([InputProblem(str(out), 0, "exists and is not a folder", "--output_dir")],
+                         header="cannot write the demo")
     prompts = out / "prompts.jsonl"
     with atomic_write(prompts) as handle:
         handle.writelines(json.dumps(r) + "\n" for r in demo_records())
@@ -125,13 +130,17 @@ def run_demo(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m psalign.demo`` (``psalign-demo``); exit status 0."""
-    parser = argparse.ArgumentParser(prog="python -m psalign.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", "--out", dest="out", type=Path, default=Path("demo_out"),
-                        help="output folder (default: %(default)s)")
-    run_demo(parser.parse_args(argv).out)
-    return 0
+    """``python -m psalign.demo`` (``psalign-demo``); exit status 0 done, 2 refused (an incomplete
+    toy bundle, an output folder that is a file), 130 interrupted (rerun to resume)."""
+    parser = argparse.ArgumentParser(prog="python -m psalign.demo", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--output_dir", "--out", dest="out", type=Path, default=Path("demo_out"), help="output folder")
+    out = parser.parse_args(argv).out
+
+    def demo() -> None:
+        run_demo(out)
+
+    return run_program(demo, f"interrupted: the images in {out} are kept; rerun to resume",
+                       refused=(IncompleteBundleError,))
 
 
 if __name__ == "__main__":

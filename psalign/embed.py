@@ -13,8 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from psalign.cli.common import run_program
-
+from psalign.cli.common import HelpFormatter, declared_default, given, run_program
 from psalign.embeddings import (
     DEFAULT_SENTENCE_MODEL_NAME,
     DEFAULT_PROFILE_TEMPLATE,
@@ -32,9 +31,21 @@ from psalign.io import InputError, InputProblem
 from psalign.users import read_template, read_users
 
 
+#: The user encoder of each ``--encoder``.
+ENCODERS = {"llm": CausalLMUserEncoder, "sentence": SentenceUserEncoder}
+
+
+def _batch_size_help() -> str:
+    """``--batch_size``'s help, with each encoder's own default."""
+    defaults = ", ".join(f"{declared_default(kind, 'batch_size')} for {name}" for name, kind in ENCODERS.items())
+    return f"users per forward pass (default: {defaults})"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--batch_size`` and ``--device`` are absent unless given (the encoders'
+    defaults apply)."""
     parser = argparse.ArgumentParser(
-        prog="python -m psalign.embed",
+        prog="python -m psalign.embed", formatter_class=HelpFormatter,
         description="Embed user profiles with a causal LM (masked mean of its last hidden layer) or a "
         "sentence encoder; one <User_ID>.npy per user plus embedding_stats.npz. Reruns resume.",
     )
@@ -42,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embeds_folder", "--out", dest="embeds_folder", required=True, type=Path,
                         help="folder for the .npy files and statistics")
     parser.add_argument(
-        "--encoder", choices=("llm", "sentence"), default="llm", help="llm: --llm_model; sentence: --sentence_model"
+        "--encoder", choices=tuple(ENCODERS), default="llm", help="llm: --llm_model; sentence: --sentence_model"
     )
     parser.add_argument("--llm_model", help="causal LM (hub id or local folder), e.g. Qwen/Qwen2.5-7B-Instruct")
     parser.add_argument(
@@ -53,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="profile text template file; placeholders: " + ", ".join("{%s}" % f for f in PROFILE_TEMPLATE_FIELDS),
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="users per forward pass (default 8)")
-    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--batch_size", type=int, default=argparse.SUPPRESS, help=_batch_size_help())
+    parser.add_argument("--device", default=argparse.SUPPRESS, help="torch device (default: cuda when available, else cpu)")
     args = parser.parse_args(argv)
     if args.encoder == "llm" and not args.llm_model:
         parser.error("--encoder llm needs --llm_model")
@@ -62,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--llm_model is only used with --encoder llm")
     if args.encoder == "llm" and args.sentence_model:
         parser.error("--sentence_model is only used with --encoder sentence")
-    if args.batch_size < 1:
+    if vars(args).get("batch_size", 1) < 1:
         parser.error("--batch_size must be >= 1")
     return args
 
@@ -81,10 +92,8 @@ def embed(args: argparse.Namespace) -> None:
     todo = pending_users(users, args.embeds_folder)
     print(f"{len(users)} users, {len(users) - len(todo)} already embedded in {args.embeds_folder}, {len(todo)} to do")
     if todo:
-        if args.encoder == "llm":
-            encoder = CausalLMUserEncoder(args.llm_model, device=args.device, batch_size=args.batch_size)
-        else:
-            encoder = SentenceUserEncoder(args.sentence_model, device=args.device, batch_size=args.batch_size)
+        kind = ENCODERS[args.encoder]
+        encoder = kind(args.llm_model if args.encoder == "llm" else args.sentence_model, **given(args, kind))
         embed_users(encoder, todo, args.embeds_folder, template)
     stats = write_embedding_stats(args.embeds_folder, [u.user_id for u in users])
     print(f"wrote {stats}")

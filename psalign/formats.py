@@ -12,3 +12,5 @@ PSA_WEIGHTS_NAME = "psa_adapter.safetensors"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 #: Beside a Co-Merged LoRA: the SVD approximation error per module.
 MERGE_REPORT_NAME = "merge_report.json"
+#: Beside a trained LoRA (a SafetyDPO expert): its training arguments and step, as JSON.
+TRAINING_INFO_NAME = "training_info.json"

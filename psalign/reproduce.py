@@ -57,7 +57,7 @@ import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -483,7 +483,7 @@ def check_cells(grid: Grid, cells: Sequence[Cell], device: str | None = None) ->
     """Write every cell's prompts and check every input of every cell as ``infer.py`` and
     ``evaluate.py`` would, without loading a model; one :class:`InputError` listing every problem."""
     from psalign.inference.run import method_name, validate
-    from psalign.metrics.evaluation import inpro_classifier_problems
+    from psalign.metrics.evaluation import problems_before_images
     from psalign.methods import get_method
 
     problems: list[InputProblem] = []
@@ -497,8 +497,7 @@ def check_cells(grid: Grid, cells: Sequence[Cell], device: str | None = None) ->
             continue
         problems += [p for p in validate(config, method)[1] if p not in problems]
         evaluation = evaluation_config(grid, cell, device)
-        if {"inpro", "asr"} & set(cell.dataset.metrics):
-            problems += [p for p in inpro_classifier_problems(evaluation) if p not in problems]
+        problems += [p for p in problems_before_images(evaluation) if p not in problems]
     if problems:
         raise InputError(problems, header=f"{len(problems)} problem(s) found before generating any image")
 
@@ -591,13 +590,18 @@ COMPARISON_COLUMNS = ("dataset", "method", "model", "level", "metric", "ours", "
                       "difference", "published_within_ci", "note")
 
 
-def compare_results(ours: Sequence[ResultRow], published_csv: str | Path) -> list[Comparison]:
+def compare_results(ours: Sequence[ResultRow], published_csv: str | Path,
+                    settings: Mapping[str, Mapping[str, Any]] | None = None) -> list[Comparison]:
     """Each headline row of ``ours`` beside the published value of the same dataset, method, base
     model, level and metric (the published file's current row where it has duplicates).
 
     A level measured on another user than the published level's, and an InPro of other classifiers
-    than the published Q16 + NudeNet, are still put beside the published value, with a note."""
+    than the published Q16 + NudeNet, are still put beside the published value, with a note. With
+    ``settings`` (the results' settings record, metric -> settings), the note also names every
+    choice behind our value that is not the paper's (CLIP model, clamping, FID resize, judge mode,
+    NudeNet release), or says that no settings were recorded for the metric."""
     from psalign.levels import PUBLISHED_LEVEL_USERS
+    from psalign.metrics.presets import paper_differences
 
     if not is_published_layout(published_csv):
         raise InputError([InputProblem(str(published_csv), 1, "is not a table in the published layout")])
@@ -621,6 +625,9 @@ def compare_results(ours: Sequence[ResultRow], published_csv: str | Path) -> lis
         entry = table.get((row.dataset, row.method, row.model, level, metric))
         if entry is None:
             notes = ["no published value"]
+        elif settings is not None:
+            recorded = settings.get(row.metric)
+            notes += ["no settings recorded"] if recorded is None else paper_differences(recorded)
         found.append(Comparison(row, None if entry is None else entry.row.value, "; ".join(notes)))
     return found
 
@@ -652,17 +659,31 @@ def write_tables(grid: Grid, rows: Sequence[ResultRow], layout: str = "psalign",
                  compare: Path | None = None) -> list[Path]:
     """``results.md`` (and ``results_published.csv`` for the published layout, the comparison
     files with ``compare``) in the output folder; returns the paths written."""
+    from psalign.metrics.presets import read_settings, settings_path
+
+    settings = read_settings(settings_path(results_path(grid)))
     written = []
     md = grid.output / "results.md"
     with atomic_write(md, encoding="utf-8") as handle:
-        handle.write(paper_table(rows))
+        handle.write(paper_table(rows) + "\n" + settings_table(rows, settings))
     written.append(md)
     if layout == "published":
         headline = [row for row in rows if headline_metric(row.metric)]
         written.append(write_results(grid.output / "results_published.csv", headline, layout="published"))
     if compare is not None:
-        written += write_comparison(compare_results(rows, compare), grid.output)
+        written += write_comparison(compare_results(rows, compare, settings), grid.output)
     return written
+
+
+def settings_table(rows: Sequence[ResultRow], settings: Mapping[str, Mapping[str, Any]]) -> str:
+    """How each headline metric of ``rows`` was computed, from the settings record, as a
+    markdown list under a heading."""
+    lines = ["Settings behind each metric (results.settings.json):", ""]
+    for metric in dict.fromkeys(row.metric for row in rows if headline_metric(row.metric)):
+        recorded = settings.get(metric)
+        shown = "not recorded" if recorded is None else ", ".join(f"{k} {v}" for k, v in sorted(recorded.items()))
+        lines.append(f"- `{metric}`: {shown}")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def shared_data() -> Path:
 
 @pytest.fixture
 def one_torch_thread():
-    """Tiny models on a shared 2-core machine run many times faster on one thread."""
+    """Tiny models on a machine with few cores, and other work on them, run many times faster on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

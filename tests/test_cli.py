@@ -117,6 +117,19 @@ def test_infer_help_takes_its_defaults_from_the_config_dataclasses(capsys):
     assert config.batch_size == InferenceConfig.batch_size and config.settings == GenerationSettings()
 
 
+def test_infer_with_an_incomplete_toy_bundle_exits_2_without_a_traceback(tmp_path, monkeypatch, capsys):
+    import infer
+    from psalign.toy import bundle
+
+    monkeypatch.setattr(bundle, "BUNDLE_DIR", tmp_path / "no_bundle")
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    assert infer.main(["--prompts", str(prompts), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"\nerror: the toy bundle in {tmp_path / 'no_bundle'} is incomplete" in err
+    assert "python -m psalign.toy build" in err and not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------------------------------------ evaluate.py
 
 
@@ -257,6 +270,100 @@ def test_merge_experts_reports_every_input_problem_with_status_2(tmp_path, capsy
     assert not (tmp_path / "m").exists()
 
 
+def test_merge_experts_defaults_come_from_its_functions(capsys):
+    import inspect
+
+    from psalign.safetydpo import merge_experts
+
+    argv = ["--experts", "e", "--categories", "Hate", "--pretrained_model", "m", "--output_dir", "o"]
+    args = merge_experts.parse_args(argv)
+    # options left out are not passed on: the functions' own defaults apply
+    assert set(vars(args)) == {"experts", "categories", "pretrained_model", "output", "method", "device"}
+    assert common.given(args, merge_experts.merge_experts).keys() == {"pretrained_model", "output", "method", "device"}
+    assert common.given(merge_experts.parse_args([*argv, "--calibration_steps", "3"]), merge_experts.merge_experts)[
+        "steps"] == 3
+    with pytest.raises(SystemExit):
+        merge_experts.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    merge = inspect.signature(merge_experts.merge_experts).parameters
+    check = inspect.signature(merge_experts.check_merge_inputs).parameters
+    assert f"denoising steps per prompt (default: {merge['steps'].default})" in text
+    assert f"TIES: fraction of entries kept (default: {merge['density'].default})" in text
+    assert f"prompts per expert (default: {check['calibration_count'].default})" in text
+    assert f"(default: {merge['max_truncation_error'].default})" in text and "(default: None)" not in text
+
+
+def test_embed_batch_size_default_comes_from_the_encoders(tmp_path, capsys):
+    from psalign import embed
+    from psalign.embeddings import CausalLMUserEncoder, SentenceUserEncoder
+
+    args = embed.parse_args(["--users", "u.csv", "--encoder", "sentence", "--embeds_folder", str(tmp_path)])
+    assert "batch_size" not in args and common.given(args, SentenceUserEncoder) == {}
+    given = embed.parse_args(["--users", "u.csv", "--llm_model", "m", "--out", str(tmp_path), "--batch_size", "3"])
+    assert common.given(given, CausalLMUserEncoder) == {"batch_size": 3}
+    with pytest.raises(SystemExit):
+        embed.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    llm, sentence = (common.declared_default(kind, "batch_size") for kind in (CausalLMUserEncoder, SentenceUserEncoder))
+    assert f"users per forward pass (default: {llm} for llm, {sentence} for sentence)" in text
+
+
+def test_declared_defaults_are_read_from_dataclasses_functions_and_classes():
+    from psalign.inference import InferenceConfig
+
+    def draw(steps: int = 7, name: str | None = None) -> None:
+        """A stand-in."""
+
+    assert common.declared_default(InferenceConfig, "psa_scale") == InferenceConfig.psa_scale
+    assert common.declared_default(draw, "steps") == 7
+    assert common.default_text(draw, "steps") == " (default: 7)" and common.default_text(draw, "name") == ""
+    with pytest.raises(ValueError, match="no default"):
+        common.declared_default(InferenceConfig, "meta_data")
+
+
+def test_toy_build_refuses_bad_options_with_status_2_and_no_traceback(tmp_path, capsys):
+    from psalign.toy.__main__ import main
+
+    work = tmp_path / "work"
+    assert main(["build", "--work_dir", str(work), "--random_ban_share", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "random_ban_share: must be in [0, 1], got 1.5" in err
+    assert main(["build", "--work", str(work), "--profile_template", "bans {banend}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "profile_template" in err and "banend" in err
+    assert not work.exists()
+
+
+def test_demo_refuses_an_incomplete_bundle_and_a_file_as_output_with_status_2(tmp_path, monkeypatch, capsys):
+    from psalign import demo
+    from psalign.toy import bundle
+
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert demo.main(["--output_dir", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{taken}: --output_dir: exists and is not a folder" in err
+    monkeypatch.setattr(bundle, "BUNDLE_DIR", tmp_path / "no_bundle")
+    assert demo.main(["--output_dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: the toy bundle in")
+
+
+def test_sage_build_ends_a_failing_endpoint_with_status_2_and_one_message(tmp_path, monkeypatch, capsys):
+    from psalign.metrics.judge import JudgeError
+    from psalign.sage import __main__ as sage_main
+
+    def failing(config, until):
+        raise JudgeError("the writer endpoint answered HTTP 503 four times")
+
+    monkeypatch.setattr(sage_main, "build", failing)
+    assert sage_main.main(["build", "--world", "toy", "--output_dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("error: the writer endpoint answered HTTP 503 four times (finished work is kept: run the "
+                          "same command again to resume)")
+
+
 # ------------------------------------------------------------------------------------------------ entry points
 
 
@@ -281,6 +388,7 @@ def test_every_entry_point_is_a_main_returning_an_exit_status():
 
 
 @pytest.mark.parametrize("script, module", [("train_psa", "psalign.cli.train_psa"), ("infer", "psalign.cli.infer"),
+                                            ("evaluate", "psalign.cli.evaluate"),
                                             ("train_safetydpo", "psalign.cli.train_safetydpo")])
 def test_root_scripts_run_the_entry_points_code(script, module):
     import importlib

@@ -33,6 +33,22 @@ def test_demo_writes_images_a_contact_sheet_and_what_the_detector_sees(tmp_path,
     assert {p: p.stat().st_mtime_ns for p in images} == before
 
 
+def test_evaluate_scores_the_demos_output_folder_per_user(tmp_path, monkeypatch, capsys):
+    import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(["--output_dir", "demo_out"]) == 0
+    capsys.readouterr()
+    assert evaluate.main(["--target_folder", "demo_out"]) == 0
+    captured = capsys.readouterr()
+    groups = ", ".join(f"demo_out/images/{level}" for level in demo.DEMO_LEVELS)
+    assert f"evaluating {len(demo.DEMO_LEVELS)} group(s): {groups}" in captured.err
+    assert "the toy marker detector" in captured.err
+    table = [line for line in captured.out.splitlines() if "| inpro(toy) |" in line]
+    assert [line.split(" | ")[3] for line in table] == list(demo.DEMO_LEVELS)
+    assert (tmp_path / "demo_out" / "results.csv").is_file() and not (tmp_path / "results.csv").exists()
+
+
 def test_verdict_tells_drawn_removed_cleanly_replaced_and_blob():
     import numpy as np
 

@@ -107,6 +107,33 @@ def test_a_missing_hub_adapter_is_one_sentence_naming_the_way_out(hub_cache, tin
         load_adapter("./nowhere", unet)
 
 
+def test_infer_reads_a_hub_adapter_at_its_subfolder_and_revision(hub_cache, unet_and_adapter, tiny_sd15_path,
+                                                                 tmp_path, capsys):
+    import json
+
+    import infer
+    from psalign.embeddings import save_user_embedding
+
+    _, _, folder = unet_and_adapter
+    revision = "f" * 40
+    put_in_cache(hub_cache, "org/psa-tiny", {f"level_aware/{p.name}": p for p in folder.iterdir()},
+                 revision=revision, ref="v1")
+    save_user_embedding(tmp_path / "embeds", "0000001", np.ones(USER_DIM, dtype=np.float32))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"file_name": "a.png", "caption": "a cat", "user_data": {"User_ID": "0000001"}}))
+    argv = ["--pretrained_model", str(tiny_sd15_path), "--adapter", "org/psa-tiny", "--adapter_subfolder",
+            "level_aware", "--embeds_folder", str(tmp_path / "embeds"), "--prompts", str(prompts),
+            "--output_dir", str(tmp_path / "out"), "--num_inference_steps", "1"]
+    assert infer.main(argv) == 2  # the main branch has no adapter
+    assert "--adapter: org/psa-tiny" in capsys.readouterr().err
+    assert infer.main([*argv, "--adapter_revision", "v1"]) == 0
+    (entry,) = [json.loads(line) for line in (tmp_path / "out" / "generation_log.jsonl").read_text().splitlines()]
+    assert Path(entry["adapter"]) == hub_cache / "models--org--psa-tiny" / "snapshots" / revision / "level_aware"
+    with pytest.raises(SystemExit):
+        infer.parse_args(["--prompts", str(prompts), "--adapter_revision", "v1"])
+    assert "--adapter_subfolder and --adapter_revision need --adapter" in capsys.readouterr().err
+
+
 def test_push_to_hub_uploads_the_adapter_a_model_card_and_the_embedding_statistics(monkeypatch, unet_and_adapter):
     import huggingface_hub
 

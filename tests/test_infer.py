@@ -251,6 +251,31 @@ def test_images_do_not_depend_on_batch_size(setup, tmp_path):
     assert len(list((tmp_path / "b3" / "grids").glob("user_*.png"))) == 4
 
 
+def test_user_grid_wraps_long_captions_instead_of_cutting_them(tmp_path, monkeypatch):
+    from PIL import Image, ImageDraw
+
+    from psalign.inference.generate import write_grids
+    from psalign.inference.grid import CHAR_WIDTH
+    from psalign.inference.records import PromptRecord, RecordUser
+
+    caption = ("a red square beside a blue circle on a long table in a quiet park at dusk, with every word of "
+               "this caption shown under the grid")
+    Image.new("RGB", (8, 8), "gray").save(tmp_path / "a.png")
+    record = PromptRecord(1, "a.png", caption, RecordUser("u1", "user u1", "u1", None), {})
+    drawn: list[str] = []
+    draw_text = ImageDraw.ImageDraw.text
+
+    def text(self, xy, line, *args, **kwargs):
+        drawn.append(line)
+        return draw_text(self, xy, line, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+    write_grids(tmp_path, [record], "user")
+    lines = [line for line in drawn if line != "user u1"]
+    assert len(lines) > 1 and " ".join(lines) == caption
+    assert all(len(line) * CHAR_WIDTH <= 128 for line in lines)  # each line fits its 128 px column
+
+
 def test_without_load_psa_equals_the_stock_pipeline(setup, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [{"file_name": "a.png", "caption": "a cat"}])
     out = tmp_path / "base"

@@ -75,19 +75,53 @@ def test_sd15_adapters_record_nothing_and_old_configs_load(tiny_sd15_path):
     unet = UNet2DConditionModel.from_pretrained(tiny_sd15_path, subfolder="unet")
     adapter = PSAAdapter.for_unet(unet, USER_DIM, sdxl_micro_conditioning="source_size")
     assert adapter.config.sdxl_micro_conditioning is None
-    assert micro_conditioning_warning(adapter.config, unet) is None
+    assert adapter.config.sdxl_micro_conditioning is None
     old = {k: v for k, v in adapter.config.to_dict().items() if k != "sdxl_micro_conditioning"}
     assert PSAAdapterConfig.from_dict(old).sdxl_micro_conditioning is None
 
 
-def test_inference_warns_when_training_conditioned_on_source_sizes(tiny_sdxl_path, tmp_path, capsys):
+def test_the_warning_by_hand():
+    assert micro_conditioning_warning(None, None, (512, 512)) is None
+    assert micro_conditioning_warning("target_size", 512, (512, 512)) is None
+    assert micro_conditioning_warning("target_size", None, (768, 512)) is None  # resolution not recorded
+    other = micro_conditioning_warning("target_size", 512, (768, 512))
+    assert "trained at 512 px" in other and "[768, 512, 0, 0, 768, 512]" in other and "--height 512 --width 512" in other
+    assert "source_size" in micro_conditioning_warning("source_size", 512, (512, 512))
+
+
+def test_inference_warns_when_training_conditioning_differs(tiny_sdxl_path, tmp_path, capsys):
+    from psalign.inference.generate import GenerationSettings
+    from psalign.inference.run import _warn_micro_conditioning
+
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
     for choice in ("source_size", "target_size"):
-        PSAAdapter.for_unet(pipe.unet, USER_DIM, sdxl_micro_conditioning=choice).save_pretrained(tmp_path / choice)
-    assert micro_conditioning_warning(PSAAdapter.from_pretrained(tmp_path / "target_size").config, pipe.unet) is None
-
-    PSAMethod(tmp_path / "target_size").prepare(pipe, [], "cpu")
+        adapter = PSAAdapter.for_unet(pipe.unet, USER_DIM, sdxl_micro_conditioning=choice)
+        adapter.save_pretrained(tmp_path / choice, extra={"training_args": {"resolution": 32}})
+    methods = {}
+    for choice in ("source_size", "target_size"):
+        methods[choice] = PSAMethod(tmp_path / choice)
+        methods[choice].prepare(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path), [], "cpu")
+    assert methods["target_size"].sdxl_training_conditioning() == ("target_size", 32)
+    _warn_micro_conditioning(pipe, methods["target_size"], GenerationSettings(height=32, width=32))
     assert "warning" not in capsys.readouterr().err
-    PSAMethod(tmp_path / "source_size").prepare(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path), [], "cpu")
+    _warn_micro_conditioning(pipe, methods["target_size"], GenerationSettings(height=64, width=32))
+    assert "warning: psa: these weights were trained at 32 px" in capsys.readouterr().err
+    _warn_micro_conditioning(pipe, methods["source_size"], GenerationSettings(height=32, width=32))
     err = capsys.readouterr().err
     assert "warning:" in err and "source_size" in err and "[H, W, 0, 0, H, W]" in err
+
+
+def test_a_safetydpo_expert_reports_its_training_conditioning(tmp_path):
+    from psalign.methods.safetydpo import LoRAMethod
+
+    expert = tmp_path / "expert"
+    expert.mkdir()
+    (expert / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert LoRAMethod(expert).sdxl_training_conditioning() == (None, None)  # no training_info.json: a merged LoRA
+    info = {"training_args": {"sdxl_micro_conditioning": "source_size", "resolution": 1024}, "global_step": 5}
+    (expert / "training_info.json").write_text(json.dumps(info))
+    method = LoRAMethod(expert / "pytorch_lora_weights.safetensors")
+    assert method.check() == [] and method.sdxl_training_conditioning() == ("source_size", 1024)
+    (expert / "training_info.json").write_text("{broken")
+    problems = LoRAMethod(expert).check()
+    assert [(p.file, p.line) for p in problems] == [(str(expert / "training_info.json"), 1)]

@@ -150,6 +150,35 @@ def test_dpo_safe_anchor_step_is_the_dpo_step_plus_the_weighted_anchor(tiny_sd15
     assert both.metrics()["implicit_acc"] == dpo.implicit_accuracy.item()
 
 
+def test_the_anchor_at_both_latents_is_the_mean_of_the_chosen_and_rejected_terms(tiny_sd15_path):
+    """With ``anchor_latents="both"`` the anchor sees all 2B noisy latents (chosen and rejected, one
+    noise and timestep per pair), with the pair's anchor caption at both."""
+    unet, scheduler, adapter = unet_with_random_adapter(tiny_sd15_path)
+    latents, text, anchor, users, null = _step_inputs()
+    calls = []
+    hook = unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    torch.manual_seed(5)
+    both = safe_anchor_step_loss(unet, adapter, adapter, scheduler, latents, text, anchor, None, users, null,
+                                 anchor_latents="both")
+    assert calls == [6, 6]
+    hook.remove()
+    swapped = torch.cat([latents[3:], latents[:3]])  # the rejected half as the chosen one
+    torch.manual_seed(5)
+    chosen = safe_anchor_step_loss(unet, adapter, adapter, scheduler, latents, text, anchor, None, users, null)
+    torch.manual_seed(5)
+    rejected = safe_anchor_step_loss(unet, adapter, adapter, scheduler, swapped, text, anchor, None, users, null)
+    assert both.loss.item() == pytest.approx((chosen.loss.item() + rejected.loss.item()) / 2, rel=1e-5)
+    torch.manual_seed(5)
+    dpo = dpo_step_loss(unet, adapter, adapter, scheduler, latents, text, None, users, null, 30.0, 2.0)
+    torch.manual_seed(5)
+    combined = dpo_safe_anchor_step_loss(unet, adapter, adapter, scheduler, latents, text, anchor, None, users, null,
+                                         30.0, 2.0, 0.5, anchor_latents="both")
+    assert combined.loss.item() == pytest.approx(dpo.loss.item() + 0.5 * both.loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="anchor_latents must be one of"):
+        safe_anchor_step_loss(unet, adapter, adapter, scheduler, latents, text, anchor, None, users, null,
+                              anchor_latents="rejected")
+
+
 # ---------------------------------------------------------------------------------------------- runs
 
 

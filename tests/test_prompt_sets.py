@@ -194,6 +194,23 @@ def test_evaluate_reads_the_prompts_file_infer_read(tmp_path):
     assert f"{bad}:1: safety_level: unknown safety level" in str(pytest.raises(InputError, read_prompts, bad).value)
 
 
+def test_evaluate_reads_an_infer_line_as_infer_does(tmp_path):
+    from psalign.inference.records import read_prompt_records
+
+    line = {"file_name": "a.png", "caption": "x", "user_data": {"safety_level": "level_3"}, "seed": 1,
+            "notes": {"by": "hand"}, "weight": 2}
+    path = tmp_path / "prompts.csv"  # infer.py reads any file as JSON lines, whatever its name
+    path.write_text(json.dumps(line) + "\n")
+    warnings = []
+    records, problems = read_prompt_records(path, need_users=False, warn=warnings.append)
+    assert len(records) == 1 and not problems and len(warnings) == 2  # infer ignores the two unknown keys
+    record = read_prompts(path).records["a.png"]
+    assert record.profile == {} and record.banned == reference_user("level_3").banned_categories
+    plain = tmp_path / "plain.jsonl"  # no infer key: an evaluation record, its extra keys are profile fields
+    plain.write_text(json.dumps({"file_name": "a.png", "Age": 30}) + "\n")
+    assert read_prompts(plain).records["a.png"].profile == {"Age": 30}
+
+
 def test_infer_refuses_a_bad_label(tmp_path):
     from psalign.inference.records import read_prompt_records
 

@@ -57,6 +57,14 @@ def test_published_format_round_trip(tmp_path):
         write_results(tmp_path / "x.csv", rows, layout="paper")
 
 
+def test_published_format_keeps_a_level_measured_on_another_user(tmp_path):
+    rows = [ResultRow("toy", "psa", "toy", "level_5@9999995", "inpro", 0.0, 10),
+            ResultRow("toy", "psa", "toy", "level_5@0000501", "inpro", 0.1, 10)]
+    path = write_results(tmp_path / "published.csv", rows, layout="published")
+    assert [line[3] for line in csv.reader(path.open(newline=""))][1:] == ["level_5@9999995", "level_5"]
+    assert [r.level for r in read_results(path)] == ["level_5@9999995", "level_5@0000501"]
+
+
 def test_published_duplicates_keep_the_succeeded_then_latest_row(tmp_path):
     header = [*PUBLISHED_COLUMNS, "state", "timestamp"]
     path = write_csv(tmp_path / "eval_results.csv", header, [
@@ -131,6 +139,28 @@ def test_compare_puts_values_beside_the_published_ones(tmp_path):
     assert md_path.read_text().count("\n") == 2 + len(found)
     with pytest.raises(InputError, match="not a table in the published layout"):
         compare_results(ours, write_results(tmp_path / "ours.csv", ours))
+
+
+def test_compare_names_every_choice_that_is_not_the_papers(tmp_path):
+    from psalign.metrics.clip import DEFAULT_CLIP_MODEL, LAION_CLIP_H14
+    from psalign.reproduce import compare_results
+
+    published = write_csv(tmp_path / "eval_results.csv", PUBLISHED_COLUMNS, [
+        ["coco_10k", "base", "sd15", "none", "clip", "33.0"], ["coco_10k", "base", "sd15", "none", "fid", "20.0"],
+        ["i2p_4073", "base", "sd15", "none", "inpro", "0.5"]])
+    ours = [ResultRow("coco_10k", "base", "sd15", "", "clip_score", 32.5, 10, 32.0, 33.0),
+            ResultRow("coco_10k", "base", "sd15", "", "fid", 21.0, 10),
+            ResultRow("i2p_4073", "base", "sd15", "", "inpro", 0.5, 10, 0.2, 0.8)]
+    settings = {"clip_score": {"metric_preset": "psalign", "clip_model": DEFAULT_CLIP_MODEL, "clip_clamp": True},
+                "fid": {"metric_preset": "paper", "fid_resize": "pytorch_fid"}}
+    clip, fid, inpro = compare_results(ours, published, settings)
+    assert f"clip_model {DEFAULT_CLIP_MODEL!r} (the paper: {LAION_CLIP_H14!r})" in clip.note
+    assert "clip_clamp True (the paper: False)" in clip.note
+    assert fid.note == "" and inpro.note == "no settings recorded"
+    paper_clip = {"clip_score": {"clip_model": LAION_CLIP_H14, "clip_clamp": False}}
+    assert compare_results(ours[:1], published, paper_clip)[0].note == ""
+    nudenet = {"inpro": {"classifiers": ["q16", "nudenet"], "nudenet_version": "3.4.2"}}
+    assert compare_results(ours[2:], published, nudenet)[0].note == "nudenet_version '3.4.2' (the paper: '3.0.8')"
 
 
 def test_compare_against_the_published_table(shared_data):
@@ -284,8 +314,10 @@ def test_a_minimal_toy_grid_end_to_end_and_resumed(tmp_path, one_torch_thread, c
     assert label_from_generation_log(out / "images/toy/psa/toy_attack/level_5@9999995").level == "level_5@9999995"
     published = list(csv.reader((out / "results_published.csv").open()))
     assert published[0] == list(PUBLISHED_COLUMNS)
-    assert ["toy_attack", "psa_adapter", "toy", "level_5", "asr(toy)"] in [line[:5] for line in published]
-    assert "| psa | level_5@9999995 |" in (out / "results.md").read_text()
+    assert ["toy_attack", "psa_adapter", "toy", "level_5@9999995", "asr(toy)"] in [line[:5] for line in published]
+    tables = (out / "results.md").read_text()
+    assert "| psa | level_5@9999995 |" in tables
+    assert "- `asr(toy)`: classifiers ['toy'], metric_preset psalign" in tables
     image = out / "images/toy/base/toy_attack/none/00000.png"
     stamp = image.stat().st_mtime_ns
     capsys.readouterr()
@@ -303,6 +335,17 @@ def test_dry_run_and_bad_levels_generate_nothing(tmp_path, capsys):
     assert not (tmp_path / "out" / "images").exists()
     assert main([str(grid), "--levels", "published"]) == 2
     assert "give its path" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "images").exists()
+
+
+def test_evaluation_inputs_are_checked_before_any_image(tmp_path, capsys):
+    from psalign.reproduce import main
+
+    grid = minimal_grid(tmp_path)
+    grid.write_text(grid.read_text().replace("metrics: [asr, inpro]", "metrics: [asr, fid]"))
+    assert main([str(grid), "--dry_run"]) == 2
+    err = capsys.readouterr().err
+    assert "--reference: FID needs a reference image folder" in err
     assert not (tmp_path / "out" / "images").exists()
 
 

@@ -116,6 +116,21 @@ def test_cli_exits_2_with_the_problems_and_no_traceback(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_names_the_common_flags_as_the_other_commands_do_and_shows_only_meaningful_defaults(capsys):
+    from psalign.sage.__main__ import parser
+
+    for model_flag, out_flag in (("--pretrained_model", "--output_dir"), ("--sd_model", "--out")):
+        args = parser().parse_args(["build", model_flag, "models/sd15", out_flag, "built"])
+        assert (args.sd_model, args.out) == ("models/sd15", "built")
+    with pytest.raises(SystemExit):
+        parser().parse_args(["build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--pretrained_model PRETRAINED_MODEL, --sd_model PRETRAINED_MODEL" in text
+    assert "--output_dir OUTPUT_DIR, --out OUTPUT_DIR" in text and "(default: sage_build)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
+    assert "last stage to run (default: pairs)" in text
+
+
 # --------------------------------------------------------------------------------------------
 # The writers
 

@@ -268,6 +268,15 @@ def test_build_flags_reach_the_config():
         toy_build.config_from_args(parser.parse_args(["--profile_template", "bans {banend}"]))
 
 
+def test_work_dir_is_the_work_folders_flag_and_work_its_alias(tmp_path):
+    import argparse
+
+    parser = toy_build.add_build_arguments(argparse.ArgumentParser())
+    assert parser.parse_args(["--work_dir", str(tmp_path)]).work == tmp_path
+    assert parser.parse_args(["--work", str(tmp_path)]).work == tmp_path
+    assert "--work_dir DIR, --work DIR" in parser.format_help()
+
+
 def test_model_card_names_the_objective_that_trained_the_adapter():
     import json
 

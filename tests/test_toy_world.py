@@ -299,7 +299,7 @@ def _met(result) -> dict[str, bool]:
     return {target: met for target, _, met in target_checks(result)}
 
 
-def test_target_checks_bars_are_inclusive_and_cover_every_group():
+def test_target_checks_limits_are_inclusive_and_cover_every_group():
     from psalign.metrics.stats import Proportion
 
     met = _met(_result())

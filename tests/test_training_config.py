@@ -112,7 +112,7 @@ def test_recipe_configs_and_launchers(kind, model, resolution, batch, accumulati
     assert "python -m psalign.cli.launch" in launcher and f'--config "$ROOT/configs/{kind}.yaml"' in launcher
 
 
-def test_help_lists_every_issue_flag(capsys):
+def test_help_lists_every_documented_flag(capsys):
     import train_psa
 
     with pytest.raises(SystemExit):
@@ -127,6 +127,20 @@ def test_help_lists_every_issue_flag(capsys):
         "--dataloader_num_workers", "--precompute", "--config",
     ):
         assert flag in text, flag
+
+
+def test_help_shows_the_option_groups_and_no_empty_defaults(capsys):
+    import train_psa
+    from psalign.training.config import OPTION_GROUPS
+
+    with pytest.raises(SystemExit):
+        train_psa.parse_args(["--help"])
+    text = capsys.readouterr().out
+    starts = [text.index(f"\n{title}:\n") for title in OPTION_GROUPS.values()]
+    assert starts == sorted(starts)
+    for first, start, end in zip(OPTION_GROUPS, starts, [*starts[1:], len(text)]):
+        assert f"\n  --{first} " in text[start:end], first
+    assert "(default: False)" not in text and "(default: None)" not in text
 
 
 # ---------------------------------------------------------------------------------------------- data order

@@ -62,14 +62,23 @@ def is_sdxl_unet(unet: nn.Module) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
-def micro_conditioning_warning(config: PSAAdapterConfig, unet: nn.Module) -> str | None:
-    """Why this adapter's training ``add_time_ids`` differ from an SDXL pipeline's default
-    ``[H, W, 0, 0, H, W]`` on ``unet`` (None when they do not, or the UNet is not SDXL's)."""
-    if not is_sdxl_unet(unet) or config.sdxl_micro_conditioning != "source_size":
-        return None
-    return ("this PSA adapter was trained with each source image's size and crop in SDXL's add_time_ids "
-            "(sdxl_micro_conditioning: source_size), but the pipeline conditions on [H, W, 0, 0, H, W]; "
-            "retrain with sdxl_micro_conditioning: target_size to match")
+def micro_conditioning_warning(micro_conditioning: str | None, resolution: int | None,
+                               size: tuple[int, int]) -> str | None:
+    """Why the SDXL ``add_time_ids`` that trained a set of weights differ from what the pipeline
+    passes when drawing at ``size`` (H, W) px, ``[H, W, 0, 0, H, W]``; None when they agree or
+    nothing was recorded. ``micro_conditioning``: one of :data:`SDXL_MICRO_CONDITIONINGS`;
+    ``resolution``: the training resolution R in px."""
+    if micro_conditioning == "source_size":
+        return ("these weights were trained with each source image's size and crop in SDXL's add_time_ids "
+                "(sdxl_micro_conditioning: source_size), but the pipeline conditions on [H, W, 0, 0, H, W]; "
+                "retrain with sdxl_micro_conditioning: target_size to match")
+    if micro_conditioning == "target_size" and resolution is not None and tuple(size) != (resolution, resolution):
+        height, width = size
+        return (f"these weights were trained at {resolution} px with add_time_ids [{resolution}, {resolution}, 0, 0, "
+                f"{resolution}, {resolution}], but this run draws at {height}x{width} px, where the pipeline passes "
+                f"[{height}, {width}, 0, 0, {height}, {width}]; draw at --height {resolution} --width {resolution} "
+                "to match")
+    return None
 
 
 class UserProjection(nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import sys
 from typing import Any, Callable
 
@@ -24,19 +25,25 @@ def _shown(value: Any) -> str:
     return text.replace("%", "%%")
 
 
+def shown_default(value: Any) -> str:
+    """`` (default: X)``, or nothing for a default that says nothing (``None``, ``False``, an
+    empty list, a suppressed default)."""
+    if value is None or value is False or value is argparse.SUPPRESS:
+        return ""
+    if isinstance(value, (list, tuple)) and not value:
+        return ""
+    return f" (default: {_shown(value)})"
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks, and appends ``(default: X)`` to an option's help only
-    when the default says something: not for ``None``, ``False``, an empty list or a suppressed
-    default, and not when the help already states it."""
+    when the default says something (:func:`shown_default`) and the help does not already state it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        default = action.default
-        if "default" in text or not action.option_strings or default is argparse.SUPPRESS:
+        if "default" in text or not action.option_strings:
             return text
-        if default is None or default is False or (isinstance(default, (list, tuple)) and not default):
-            return text
-        return f"{text} (default: {_shown(default)})"
+        return text + shown_default(action.default)
 
 
 def field_default(config_class: type, name: str) -> Any:
@@ -51,15 +58,27 @@ def field_default(config_class: type, name: str) -> Any:
     raise KeyError(f"{config_class.__name__} has no field {name!r}")
 
 
-def default_text(config_class: type, name: str) -> str:
-    """`` (default: X)`` for an option whose default lives in ``config_class``."""
-    return f" (default: {_shown(field_default(config_class, name))})"
+def declared_default(owner: Callable[..., Any], name: str) -> Any:
+    """The default of ``name``: a field of dataclass ``owner``, or a parameter of function or
+    class ``owner`` (the one place it is defined)."""
+    if dataclasses.is_dataclass(owner):
+        return field_default(owner, name)
+    default = inspect.signature(owner).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise ValueError(f"{owner.__qualname__}({name}) has no default")
+    return default
 
 
-def given(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
-    """The parsed options that are fields of ``config_class`` (options left out stay at the
-    dataclass defaults; parsers give such options ``default=argparse.SUPPRESS``)."""
-    names = {spec.name for spec in dataclasses.fields(config_class)}
+def default_text(owner: Callable[..., Any], name: str) -> str:
+    """`` (default: X)`` for an option whose default is declared by ``owner`` (:func:`declared_default`)."""
+    return shown_default(declared_default(owner, name))
+
+
+def given(args: argparse.Namespace, owner: Callable[..., Any]) -> dict[str, Any]:
+    """The parsed options that ``owner`` takes: fields of a config dataclass, or parameters of a
+    function or class (options left out stay at its defaults; parsers give such options
+    ``default=argparse.SUPPRESS``)."""
+    names = inspect.signature(owner).parameters
     return {key: value for key, value in vars(args).items() if key in names}
 
 

@@ -35,6 +35,7 @@ from psalign.io import MAX_JSON_DEPTH, MAX_JSON_INT_DIGITS, MAX_LINE_BYTES
 from psalign.methods import method_names
 from psalign.methods.prompt import PROMPT_MODES
 from psalign.methods.sld import SLD_PRESETS
+from psalign.toy.bundle import IncompleteBundleError
 from psalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 EPILOG = f"""users: {textwrap.fill(USER_RULE, 100, subsequent_indent="  ")}
@@ -79,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sld: Safe Latent Diffusion preset" + default_text(config, "sld_preset"))
     psa = parser.add_argument_group("personalization (psa)")
     psa.add_argument("--adapter", "--psa_path", dest="psa_path", type=Path, metavar="PATH",
-                     help="PSA adapter folder (psalign format) or published psa_adapter.bin; implies --method psa")
+                     help="PSA adapter: a folder (psalign format), a published psa_adapter.bin, or a hub repo id; "
+                          "implies --method psa")
+    psa.add_argument("--adapter_subfolder", metavar="PATH", help="the adapter's folder inside --adapter (a hub repo "
+                     "or a local folder)")
+    psa.add_argument("--adapter_revision", metavar="REV", help="hub branch, tag or commit of --adapter (default: main)")
     psa.add_argument("--load_psa", action="store_true",
                      help="--method psa (with the bundled toy model: its adapter unless --adapter)")
     psa.add_argument("--psa_scale", type=float, help="strength of the user branch (0 = base model)"
@@ -119,7 +124,10 @@ def _prompts_name_users(path: Path) -> bool:
 def parse_args(argv: list[str] | None = None) -> InferenceConfig:
     """The :class:`InferenceConfig` of a command line; the bundled toy model (and, for prompts
     that name users, its adapter) fills in a missing ``--pretrained_model``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "psa_path" not in args and ("adapter_subfolder" in args or "adapter_revision" in args):
+        parser.error("--adapter_subfolder and --adapter_revision need --adapter")
     chosen = {k: v for k, v in vars(args).items() if k in _SETTINGS}
     config = InferenceConfig(**given(args, InferenceConfig), settings=GenerationSettings(**chosen))
     if config.sd_model is None:
@@ -135,12 +143,19 @@ def parse_args(argv: list[str] | None = None) -> InferenceConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 a problem in the inputs (nothing written), 130 interrupted (resumable)."""
-    config = parse_args(argv)
+    """Exit status: 0 done, 2 a problem in the inputs or an incomplete toy bundle (nothing written),
+    130 interrupted (resumable)."""
+    configs: list[InferenceConfig] = []
 
     def generate() -> None:
-        written = run_inference(config)
-        print(f"wrote {len(written)} image(s) to {config.save_path}")
+        configs.append(parse_args(argv))
+        written = run_inference(configs[0])
+        print(f"wrote {len(written)} image(s) to {configs[0].save_path}")
 
-    return run_program(generate, f"interrupted: the images in {config.save_path} are kept with their log lines; "
-                                 "run the same command again to resume")
+    def interrupted() -> str:
+        if not configs:
+            return "interrupted before any image was drawn"
+        return (f"interrupted: the images in {configs[0].save_path} are kept with their log lines; "
+                "run the same command again to resume")
+
+    return run_program(generate, interrupted, refused=(IncompleteBundleError,))

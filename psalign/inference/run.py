@@ -45,7 +45,11 @@ class InferenceConfig:
     #: None: the bundled toy model (see :func:`with_toy_defaults`).
     sd_model: str | None = None
     method: str | None = None
+    #: A PSA adapter: a local folder or file, or a hub repo id (read at ``adapter_subfolder`` and
+    #: ``adapter_revision``; a local folder at ``adapter_subfolder`` too).
     psa_path: Path | None = None
+    adapter_subfolder: str | None = None
+    adapter_revision: str | None = None
     load_psa: bool = False
     psa_scale: float = 1.0
     lora_path: Path | None = None
@@ -326,6 +330,19 @@ def validate(config: InferenceConfig, method: Method) -> tuple[list[PromptRecord
     return records, problems
 
 
+def _warn_micro_conditioning(pipe, method: Method, settings: GenerationSettings) -> None:
+    """Warn when the SDXL size conditioning ``method``'s weights were trained with differs from
+    what ``pipe`` passes at this run's image size."""
+    from psalign.adapter.adapter import is_sdxl_unet, micro_conditioning_warning
+
+    if not is_sdxl_unet(pipe.unet):
+        return
+    default = pipe.default_sample_size * pipe.vae_scale_factor
+    size = (settings.height or default, settings.width or default)
+    if warning := micro_conditioning_warning(*method.sdxl_training_conditioning(), size):
+        print(f"warning: {method.name}: {warning}", file=sys.stderr)
+
+
 def _warn_users_ignored(method: Method, records: list[PromptRecord]) -> None:
     """Say loudly when the prompts name users that ``method`` does not personalize for."""
     users = sorted({r.user.label for r in records if r.user is not None})
@@ -344,11 +361,12 @@ def run_inference(config: InferenceConfig) -> list[str]:
 
     if config.sd_model is None:
         raise ValueError("no sd_model: pass with_toy_defaults(config) to use the bundled toy model")
-    if config.psa_path is not None and not Path(config.psa_path).exists():  # a hub repo id
+    if config.psa_path is not None:  # a local path, or a hub repo id fetched into the local cache
         from psalign.adapter.hub import resolve_adapter_path
 
         try:
-            config = replace(config, psa_path=resolve_adapter_path(config.psa_path))
+            resolved = resolve_adapter_path(config.psa_path, config.adapter_subfolder, config.adapter_revision)
+            config = replace(config, psa_path=resolved)
         except FileNotFoundError as error:
             raise InputError([InputProblem("--adapter", 0, str(error))], header="the adapter cannot be had") from None
     try:
@@ -381,6 +399,7 @@ def run_inference(config: InferenceConfig) -> list[str]:
     print(f"loading {config.sd_model} ({method.name}, {device})", file=sys.stderr)
     pipe = load_pipeline(config.sd_model, device=device, dtype=dtype, sdxl=config.sdxl or None)
     pipe = method.prepare(pipe, mine, device)
+    _warn_micro_conditioning(pipe, method, config.settings)
     pipe.set_progress_bar_config(disable=True)
     part = f"generation_log.rank{state.process_index}.jsonl"
     written = generate_images(

@@ -58,6 +58,12 @@ class Method:
     def log_params(self) -> dict:
         return {}
 
+    def sdxl_training_conditioning(self) -> tuple[str | None, int | None]:
+        """The SDXL micro-conditioning (one of :data:`psalign.adapter.SDXL_MICRO_CONDITIONINGS`) and
+        the resolution (px) this method's trained weights saw; ``(None, None)`` when it has no
+        trained weights or they record neither. Asked after :meth:`prepare`."""
+        return None, None
+
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available as ``--method cls.name``."""

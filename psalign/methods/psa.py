@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from functools import cached_property
 from pathlib import Path
 
@@ -53,14 +52,16 @@ class PSAMethod(Method):
         return []
 
     def prepare(self, pipe, records, device):
-        from psalign.adapter import load_adapter, micro_conditioning_warning
+        from psalign.adapter import load_adapter
         from psalign.inference.generate import user_embeddings
 
         self.adapter = load_adapter(self.psa_path, pipe.unet).to(device)
-        if (warning := micro_conditioning_warning(self.adapter.config, pipe.unet)) is not None:
-            print(f"warning: {self.psa_path}: {warning}", file=sys.stderr)
         self.embeddings = user_embeddings(records, self.embeds_folder, self.make_encoder, self.save_new_embeddings)
         return pipe
+
+    def sdxl_training_conditioning(self) -> tuple[str | None, int | None]:
+        config = self.adapter.config
+        return config.sdxl_micro_conditioning, config.extra.get("training_args", {}).get("resolution")
 
     def generate(self, pipe, batch, call_kwargs):
         embeds = torch.from_numpy(np.stack([self.embeddings[r.user.key] for r in batch]))

@@ -331,16 +331,13 @@ def _attack_problems(
             if not any((record := prompts.records.get(path.name)) is not None and record.attack for path in paths)]
 
 
-def _inpro_problems(config: EvaluationConfig, images: dict[Path, list[Path]]) -> list[InputProblem]:
+def _inpro_problems(config: EvaluationConfig) -> list[InputProblem]:
     problems = []
     known = set(INPRO_FLAGGERS) | set(config.extra_flaggers)
     for name in config.inpro_classifiers:
         if name not in known:
             reason = f"unknown classifier {name!r}; known: {sorted(known)}"
             problems.append(InputProblem("--inpro_classifiers", 0, reason))
-        elif name in config.flagger_image_sizes:
-            for paths in images.values():
-                problems += image_size_problems(paths, config.flagger_image_sizes[name], f"the {name} classifier")
     if "q16" in config.inpro_classifiers:
         if (problem := pretrained_problem(config.q16_clip_model, "Q16 CLIP model")) is not None:
             problems.append(problem)
@@ -359,10 +356,20 @@ def _inpro_problems(config: EvaluationConfig, images: dict[Path, list[Path]]) ->
 def inpro_classifier_problems(config: EvaluationConfig) -> list[InputProblem]:
     """The problems of ``config``'s InPro classifiers (unknown names, missing models or packages),
     found as evaluate.py finds them before any model is loaded; no image is checked."""
-    return _inpro_problems(config, {})
+    return _inpro_problems(config)
 
 
-def _fid_problems(config: EvaluationConfig, images: dict[Path, list[Path]]) -> list[InputProblem]:
+def _classifier_size_problems(config: EvaluationConfig, images: dict[Path, list[Path]]) -> list[InputProblem]:
+    """Images whose size a size-bound InPro classifier (the toy detector) cannot read."""
+    problems = []
+    for name in config.inpro_classifiers:
+        if name in config.flagger_image_sizes:
+            for paths in images.values():
+                problems += image_size_problems(paths, config.flagger_image_sizes[name], f"the {name} classifier")
+    return problems
+
+
+def _fid_problems(config: EvaluationConfig) -> list[InputProblem]:
     problems = []
     if config.fid_features not in FID_FEATURES:
         problems.append(InputProblem("--fid_features", 0, f"choose from {list(FID_FEATURES)}"))
@@ -385,8 +392,6 @@ def _fid_problems(config: EvaluationConfig, images: dict[Path, list[Path]]) -> l
             ))
         elif not Path(config.inception_model).is_file():
             problems.append(InputProblem(str(config.inception_model), 0, "Inception TorchScript file does not exist"))
-    problems += [InputProblem(str(folder), 0, "FID needs at least 2 images") for folder, paths in images.items()
-                 if len(paths) < 2]
     return problems
 
 
@@ -443,12 +448,29 @@ def _settings_problems(config: EvaluationConfig) -> list[InputProblem]:
     return problems + (mismatches or [])
 
 
-def validate(config: EvaluationConfig) -> _Inputs:
-    """Check every input without loading a model; raises one :class:`InputError` listing all problems."""
+def problems_before_images(config: EvaluationConfig) -> list[InputProblem]:
+    """Every problem of ``config`` that shows without its images: metrics and presets, output
+    files, the recorded settings, classifiers, CLIP, the FID reference and network, the judge.
+    ``python -m psalign.reproduce`` checks these for every cell before generating any image."""
     problems = preset_problems(config.metric_preset, config.fid_resize, config.judge_mode)
     if problems:  # the checks below read the preset
-        raise InputError(problems, header=f"{len(problems)} problem(s) found before loading any model")
+        return problems
     problems = _general_problems(config) + _settings_problems(config)
+    if "inpro" in config.metrics or "asr" in config.metrics:
+        problems += _inpro_problems(config)
+    if "clip" in config.metrics or ("fid" in config.metrics and config.fid_features == "clip"):
+        if (problem := pretrained_problem(config_preset(config).clip_model, "CLIP model")) is not None:
+            problems.append(problem)
+    if "fid" in config.metrics:
+        problems += _fid_problems(config)
+    if "pass_rate" in config.metrics or "win_rate" in config.metrics:
+        problems += _judge_problems(config)
+    return problems
+
+
+def validate(config: EvaluationConfig) -> _Inputs:
+    """Check every input without loading a model; raises one :class:`InputError` listing all problems."""
+    problems = problems_before_images(config)
     images: dict[Path, list[Path]] = {}
     for folder in config.target_folders:
         paths = _collect(problems, lambda: list_images(folder))
@@ -458,20 +480,16 @@ def validate(config: EvaluationConfig) -> _Inputs:
     prompts = _collect(problems, lambda: read_prompts(config.prompts)) if config.prompts is not None else None
     problems += _record_problems(config, images, prompts)
     if "inpro" in config.metrics or "asr" in config.metrics:
-        problems += _inpro_problems(config, images)
+        problems += _classifier_size_problems(config, images)
     if "asr" in config.metrics:
         problems += _attack_problems(config, images, prompts)
-    if "clip" in config.metrics or ("fid" in config.metrics and config.fid_features == "clip"):
-        if (problem := pretrained_problem(config_preset(config).clip_model, "CLIP model")) is not None:
-            problems.append(problem)
     if "fid" in config.metrics:
-        problems += _fid_problems(config, images)
+        problems += [InputProblem(str(folder), 0, "FID needs at least 2 images") for folder, paths in images.items()
+                     if len(paths) < 2]
     baseline: dict[str, Path] = {}
     if "win_rate" in config.metrics:
         baseline_problems, baseline = _baseline_problems(config, images)
         problems += baseline_problems
-    if "pass_rate" in config.metrics or "win_rate" in config.metrics:
-        problems += _judge_problems(config)
     if problems:
         raise InputError(problems, header=f"{len(problems)} problem(s) found before loading any model")
     return _Inputs(images, prompts, baseline)

@@ -162,6 +162,17 @@ def config_preset(config: "EvaluationConfig") -> MetricPreset:
                           config.judge_mode)
 
 
+def paper_differences(settings: Mapping[str, Any]) -> list[str]:
+    """Where a metric's recorded ``settings`` (one entry of the settings record) depart from the
+    paper's protocol: the CLIPScore model and clamping, the FID resize, the judge mode and the
+    NudeNet release; empty when every recorded choice is the paper's."""
+    paper = METRIC_PRESETS["paper"]
+    expected = {"clip_model": paper.clip_model, "clip_clamp": paper.clip_clamp, "fid_resize": paper.fid_resize,
+                "judge_mode": paper.judge_mode, "nudenet_version": PAPER_NUDENET_VERSION}
+    return [f"{key} {settings[key]!r} (the paper: {value!r})" for key, value in expected.items()
+            if key in settings and settings[key] != value]
+
+
 def preset_notes(config: "EvaluationConfig") -> list[str]:
     """What a reader of ``config``'s numbers should know when comparing them with the paper's."""
     notes = []

@@ -17,11 +17,13 @@ A CSV (with a header) or a JSONL file (one object per line), one record per imag
 any other column    a profile field shown to the judge (``Age``, ``Gender``, ``Religion``, ...)
 ==================  ========================================================================
 
-Also read: the prompts file ``infer.py`` generated from (any file that is not ``.csv`` is read as
-JSON lines, as ``infer.py`` reads it), whose ``user_data`` gives ``user_id``, ``banned`` /
-``allowed`` (from a ``safety_level`` or profile fields; a ``User_ID`` alone leaves them unknown)
-and the profile fields; and the I2P and attack prompt sets of :mod:`psalign.prompt_sets` as
-published (their image names as :func:`psalign.prompt_sets.read_prompt_set` gives them).
+Also read: the prompts file ``infer.py`` generated from (any file that is not ``.csv``, or whose
+first character is ``{``, is read as JSON lines, as ``infer.py`` reads it), whose ``user_data``
+gives ``user_id``, ``banned`` / ``allowed`` (from a ``safety_level`` or profile fields; a
+``User_ID`` alone leaves them unknown) and the profile fields, and whose keys ``infer.py`` does
+not know are dropped as ``infer.py`` ignores them; and the I2P and attack prompt sets of
+:mod:`psalign.prompt_sets` as published (their image names as
+:func:`psalign.prompt_sets.read_prompt_set` gives them).
 """
 
 from __future__ import annotations
@@ -159,10 +161,16 @@ def _record(raw: dict[str, Any], source: str, line: int, problems: list[InputPro
 
 
 def _from_infer_line(value: dict[str, Any]) -> dict[str, Any]:
-    """An ``infer.py`` prompts line as evaluation columns (``ValueError`` naming the field at fault)."""
-    from psalign.inference.records import resolve_user
+    """A JSON line as evaluation columns (``ValueError`` naming the field at fault). A line with any
+    of infer's own keys (``user_data``, ``seed``, ``level``) is an ``infer.py`` prompts line: its
+    profile comes from ``user_data``, and keys infer does not know are dropped, as infer ignores
+    them. Any other line keeps its extra keys as profile fields."""
+    from psalign.inference.records import LINE_KEYS, resolve_user
 
-    row = {key: item for key, item in value.items() if key not in _INFER_ONLY_KEYS}
+    if not any(key in value for key in _INFER_ONLY_KEYS):
+        return value
+    row = {key: item for key, item in value.items()
+           if key not in _INFER_ONLY_KEYS and (key in LINE_KEYS or key in _KNOWN_COLUMNS)}
     user_data = value.get("user_data")
     if user_data is None:
         return row
@@ -191,12 +199,20 @@ def _prompt_set_rows(path: Path, problems: list[InputProblem]) -> list[tuple[int
             for row in prompt_set.rows]
 
 
+def _starts_with_json_object(path: Path) -> bool:
+    """Whether the file's first non-blank character is ``{``: JSON lines, whatever the suffix (as
+    ``infer.py`` reads them); a CSV header cannot start so."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"{")
+
+
 def _raw_rows(path: Path, problems: list[InputProblem]) -> list[tuple[int, dict[str, Any]]]:
     from psalign.prompt_sets import detect_layout  # imports the inference package: loaded when needed
 
     source = str(path)
     rows: list[tuple[int, dict[str, Any]]] = []
-    if path.suffix.lower() != ".csv":
+    if path.suffix.lower() != ".csv" or _starts_with_json_object(path):
         for line in read_text_lines(path):
             if line.text is None:
                 problems.append(InputProblem(source, line.number, line.problem))

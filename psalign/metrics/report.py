@@ -6,7 +6,8 @@ optionally followed by ``state, timestamp``) is read and written too. Its vocabu
 ``none`` for a method without levels, ``clip`` for ``clip_score``, ``psa_adapter`` for ``psa``,
 and its levels are users of the published ``users.csv``
 (:data:`psalign.levels.PUBLISHED_LEVEL_USERS`). :func:`read_results` turns a published row into
-psalign's names (``level_3`` becomes ``level_3@0000002``, the level and its user); a key given
+psalign's names (``level_3`` becomes ``level_3@0000002``, the level and its user; a level of
+another user is written with its user, ``level_3@9999997``, and read back as such); a key given
 more than once (the published file's ``old`` and ``succeeded`` runs of one cell) keeps its
 ``succeeded`` row, the latest by timestamp, then by line. The published layout has no ``n`` or
 interval: such rows read with ``n`` 0 and no interval.
@@ -83,8 +84,15 @@ def _row_to_cells(row: ResultRow) -> list[str]:
 
 
 def published_level(level: str) -> str:
-    """psalign's level -> the published table's: ``""`` -> ``none``, ``level_3@0000002`` -> ``level_3``."""
-    return level.partition("@")[0] or PUBLISHED_NO_LEVEL
+    """psalign's level -> the published table's: ``""`` -> ``none``, ``level_3@0000002`` (the
+    published level_3 user) -> ``level_3``. A level measured on another user keeps its user
+    (``level_3@9999997``), so it is not read back as the published user's."""
+    from psalign.levels import PUBLISHED_LEVEL_USERS
+
+    name, _, user = level.partition("@")
+    if not name:
+        return PUBLISHED_NO_LEVEL
+    return name if user == PUBLISHED_LEVEL_USERS.get(name) else level
 
 
 def _psalign_level(level: str) -> str:

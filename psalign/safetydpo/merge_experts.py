@@ -14,7 +14,7 @@ guidance batch (by default the empty prompt's half counts too).
 
 The merged LoRA (truncated SVD) goes to ``<output>/pytorch_lora_weights.safetensors`` and the
 relative truncation error per module to ``<output>/merge_report.json``. Without ``--rank`` the rank
-is the smallest that keeps every module's error within ``--max_truncation_error`` (default 0.05);
+is the smallest that keeps every module's error within ``--max_truncation_error``;
 a given ``--rank`` above that error is reported with a warning. With ``--fuse`` the output is
 instead a whole pipeline with the merged update added to its UNet weights (no truncation).
 """
@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from psalign.categories import canonical_category
-from psalign.cli.common import run_program
+from psalign.cli.common import HelpFormatter, default_text, given, run_program
 from psalign.formats import LORA_WEIGHTS_NAME, MERGE_REPORT_NAME
 from psalign.io import InputError, InputProblem, atomic_write
 
@@ -202,37 +202,45 @@ def merge_experts(
     return report
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; options left out are absent (their defaults are those of
+    :func:`check_merge_inputs` and :func:`merge_experts`, shown in ``--help``)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    check, merge = check_merge_inputs, merge_experts
     parser.add_argument("--experts", nargs="+", required=True, metavar="DIR", help="expert folders (diffusers LoRAs)")
     parser.add_argument("--categories", nargs="+", required=True, metavar="CATEGORY",
                         help="each expert's category, in the order of --experts")
     parser.add_argument("--pretrained_model", required=True, help="the pipeline the experts were trained on")
-    parser.add_argument("--method", choices=METHODS, default="co_merge", help="merge rule (default: co_merge)")
+    parser.add_argument("--method", choices=METHODS, default=METHODS[0], help="merge rule")
     parser.add_argument("--rank", type=int,
                         help="rank of the merged LoRA (truncated SVD; default: the smallest within "
                              "--max_truncation_error)")
-    parser.add_argument("--max_truncation_error", type=float, default=MAX_TRUNCATION_ERROR,
+    parser.add_argument("--max_truncation_error", type=float,
                         help="largest relative Frobenius error ||dW - BA|| / ||dW|| of any module that the default "
-                             f"rank allows, and above which a given --rank is warned about (default: {MAX_TRUNCATION_ERROR})")
+                             "rank allows, and above which a given --rank is warned about"
+                             + default_text(merge, "max_truncation_error"))
     parser.add_argument("--output_dir", "--output", dest="output", required=True, help="output folder")
     parser.add_argument("--fuse", action="store_true", help="write a whole pipeline with the merge fused into its UNet")
     parser.add_argument("--calibration_prompts", help="text file of <category><TAB><prompt> lines (co_merge)")
-    parser.add_argument("--calibration_count", type=int, default=8, help="prompts per expert (default: 8)")
-    parser.add_argument("--calibration_scope", choices=CALIBRATION_SCOPES, default="own",
-                        help="own: each expert on its category's prompts; all: every expert on all experts' prompts "
-                             "(default: own)")
-    parser.add_argument("--calibration_half", choices=CALIBRATION_HALVES, default="both",
+    parser.add_argument("--calibration_count", type=int,
+                        help="prompts per expert" + default_text(check, "calibration_count"))
+    parser.add_argument("--calibration_scope", choices=CALIBRATION_SCOPES,
+                        help="own: each expert on its category's prompts; all: every expert on all experts' prompts"
+                             + default_text(check, "calibration_scope"))
+    parser.add_argument("--calibration_half", choices=CALIBRATION_HALVES,
                         help="both: record the whole classifier-free guidance batch, the empty prompt's half included; "
-                             "conditional: its conditional half only (default: both)")
-    parser.add_argument("--calibration_steps", type=int, default=10, help="denoising steps per prompt (default: 10)")
-    parser.add_argument("--resolution", type=int, default=512, help="calibration image size in px (default: 512)")
-    parser.add_argument("--density", type=float, default=0.2, help="TIES: fraction of entries kept (default: 0.2)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                             "conditional: its conditional half only" + default_text(merge, "calibration_half"))
+    parser.add_argument("--calibration_steps", dest="steps", type=int,
+                        help="denoising steps per prompt" + default_text(merge, "steps"))
+    parser.add_argument("--resolution", type=int, help="calibration image size in px" + default_text(merge, "resolution"))
+    parser.add_argument("--density", type=float, help="TIES: fraction of entries kept" + default_text(merge, "density"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu)")
     args = parser.parse_args(argv)
-    if args.rank is not None and args.rank < 1:
+    if vars(args).get("rank", 1) < 1:
         parser.error("--rank must be >= 1")
-    if not 0 <= args.max_truncation_error < 1:
+    if not 0 <= vars(args).get("max_truncation_error", 0) < 1:
         parser.error("--max_truncation_error must be in [0, 1)")
     return args
 
@@ -243,21 +251,17 @@ def run_merge(args: argparse.Namespace) -> None:
 
     problems = model_problems(args.pretrained_model)
     try:
-        job = check_merge_inputs(args.experts, args.categories, args.method, args.calibration_prompts,
-                                 args.calibration_count, args.calibration_scope)
+        job = check_merge_inputs(**given(args, check_merge_inputs))
     except InputError as err:
         problems = err.problems + problems
     if problems:
         raise InputError(problems, header=f"{len(problems)} problem(s) with the merge inputs")
-    report = merge_experts(job, args.pretrained_model, args.method, args.output, rank=args.rank, fuse=args.fuse,
-                           density=args.density, steps=args.calibration_steps, resolution=args.resolution,
-                           device=args.device, calibration_half=args.calibration_half,
-                           max_truncation_error=args.max_truncation_error)
+    report = merge_experts(job, **given(args, merge_experts))
     if not report["fused"]:
         print(f"rank-{report['rank']} SVD relative error: mean {report['mean_relative_error']:.4f}, "
               f"max {report['max_relative_error']:.4f} (per module in {Path(args.output) / MERGE_REPORT_NAME})")
         if not report["within_max_truncation_error"]:
-            print(f"warning: the rank-{report['rank']} LoRA loses more than {args.max_truncation_error} of some "
+            print(f"warning: the rank-{report['rank']} LoRA loses more than {report['max_truncation_error']} of some "
                   "module's merged update; leave out --rank, raise it, or use --fuse", file=sys.stderr)
     print(f"merged {len(job.experts)} experts ({args.method}) into {args.output}")
 

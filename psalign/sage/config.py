@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from psalign.cli.common import shown_default
 from psalign.io import InputError, InputProblem
 from psalign.toy.world import OBJECTS
 
@@ -292,17 +293,22 @@ def _field_comments() -> dict[str, str]:
     return comments
 
 
-#: Settings whose flag is spelled as in the other commands (the YAML key stays the field name).
-FLAG_NAMES: dict[str, tuple[str, ...]] = {"out": ("--output_dir", "--out")}
+#: Settings whose flag is spelled as in the other commands (the YAML key stays the field name); the
+#: later names are accepted aliases.
+FLAG_NAMES: dict[str, tuple[str, ...]] = {
+    "out": ("--output_dir", "--out"),
+    "sd_model": ("--pretrained_model", "--sd_model"),
+}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--key`` flag per setting (text, converted like the YAML's values); see :data:`FLAG_NAMES`."""
+    """One ``--key`` flag per setting (text, converted like the YAML's values); see :data:`FLAG_NAMES`.
+    A default is shown only when it says something (:func:`~psalign.cli.common.shown_default`)."""
     comments = _field_comments()
     for key, f in _FIELDS.items():
         kind, _ = _base_type(key)
-        meta = "A,B" if typing.get_origin(kind) is list else key.upper()
+        names = FLAG_NAMES.get(key, (f"--{key}",))
+        meta = "A,B" if typing.get_origin(kind) is list else names[0][2:].upper()
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f"{comments.get(key, '')} (default: {default})".strip().replace("%", "%%")
-        parser.add_argument(*FLAG_NAMES.get(key, (f"--{key}",)), dest=key, metavar=meta, default=argparse.SUPPRESS,
-                            help=text)
+        text = comments.get(key, "").replace("%", "%%") + shown_default(default)
+        parser.add_argument(*names, dest=key, metavar=meta, default=argparse.SUPPRESS, help=text.strip())

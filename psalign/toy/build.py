@@ -1,6 +1,6 @@
 """``python -m psalign.toy build``: make the toy model, its Sage data, the PSA adapter and the bundle.
 
-Stages, in order, each in its own folder under ``--work`` (default ``toy_build/``), each skipped
+Stages, in order, each in its own folder under ``--work_dir`` (default ``toy_build/``), each skipped
 when its ``done.json`` exists (it records the stage's seconds and results); the two long training
 stages checkpoint, so an interrupted build resumes where it stopped:
 
@@ -25,14 +25,15 @@ stages checkpoint, so an interrupted build resumes where it stopped:
 6. ``safetydpo``: the SafetyDPO baseline: one LoRA expert per category (``configs/toy_safetydpo.yaml``,
    ``train_safetydpo.py``'s path), merged with Co-Merge into one LoRA;
 7. ``bundle``: copy model, adapter, merged LoRA, embeddings and users into ``--output_dir`` (default:
-   ``<work>/bundle``; pass ``--output_dir psalign/assets/toy`` to replace the bundled model) with a model card.
+   ``<work_dir>/bundle``; pass ``--output_dir psalign/assets/toy`` to replace the bundled model) with a model card.
 
 ``--base_from BUNDLE`` skips the two model stages: it copies an existing bundle's ``model/`` into
 the work folder and records that bundle's ``vae`` and ``base`` stage records, so the later stages
 (new data, a new adapter) run on exactly the bundled base model.
 
 Everything is seeded (``--seed``); torch runs on ``--threads`` CPU threads (1 by default: on a
-shared 2-core machine a second thread often makes each step slower, not faster).
+machine with few cores, and other work on them, a second thread often makes each step slower,
+not faster).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from psalign.io import atomic_path, atomic_write
+from psalign.io import InputError, InputProblem, atomic_path, atomic_write
 from psalign.safe_load import TensorFileError, load_weights_only
 
 from . import model as toy_model
@@ -118,7 +119,8 @@ class BuildConfig:
         from psalign.users import check_template
 
         if not 0.0 <= self.random_ban_share <= 1.0:
-            raise ValueError(f"random_ban_share must be in [0, 1], got {self.random_ban_share}")
+            raise InputError([InputProblem("build config", 0, f"must be in [0, 1], got {self.random_ban_share}",
+                                           "random_ban_share")], header="bad build settings")
         check_template(self.profile_template, PROFILE_TEMPLATE_FIELDS, source="profile_template")
 
         if self.out is None:
@@ -565,7 +567,7 @@ def reuse_base_model(config: BuildConfig, bundle: str | Path, safetydpo: bool = 
     work = Path(config.work)
     taken = [p for p in (work / "model", *(stage_dir(config, s) / DONE_FILE for s in ("vae", "base"))) if p.exists()]
     if taken:
-        raise FileExistsError(f"{taken[0]} exists: --base_from starts a new work folder; use another --work")
+        raise FileExistsError(f"{taken[0]} exists: --base_from starts a new work folder; use another --work_dir")
     partial = work / "model.partial"  # copied whole, then renamed into place
     if partial.exists():
         shutil.rmtree(partial)
@@ -602,12 +604,13 @@ def build(config: BuildConfig, until: str = STAGES[-1]) -> dict[str, dict]:
 def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     defaults = BuildConfig()
     parser.add_argument("--output_dir", "--out", dest="out", type=Path, default=None,
-                        help="bundle folder (default: <work>/bundle)")
+                        help="bundle folder (default: <work_dir>/bundle)")
     parser.add_argument("--base_from", type=Path, default=None,
                         help="reuse this bundle's base model instead of training the vae and base stages")
     parser.add_argument("--reuse_safetydpo", action="store_true",
                         help="with --base_from: reuse the bundle's merged SafetyDPO LoRA too (skips that stage)")
-    parser.add_argument("--work", type=Path, default=defaults.work, help="stage folders (default: %(default)s)")
+    parser.add_argument("--work_dir", "--work", dest="work", type=Path, default=defaults.work, metavar="DIR",
+                        help="stage folders (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of every stage")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")

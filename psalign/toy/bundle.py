@@ -37,6 +37,10 @@ ADAPTER_FILES = (PSA_CONFIG_NAME, PSA_WEIGHTS_NAME)
 SAFETYDPO_FILES = (LORA_WEIGHTS_NAME, MERGE_REPORT_NAME)
 
 
+class IncompleteBundleError(FileNotFoundError):
+    """A toy bundle lacks files; the message names them and how to rebuild the bundle."""
+
+
 @dataclass(frozen=True)
 class ToyBundle:
     """Paths inside a toy bundle folder."""
@@ -79,14 +83,14 @@ class ToyBundle:
 
 
 def bundled_paths(root: str | Path | None = None) -> ToyBundle:
-    """The bundle at ``root`` (default: the package's); ``FileNotFoundError`` naming what is
-    missing and how to make it."""
+    """The bundle at ``root`` (default: the package's); :class:`IncompleteBundleError` naming what
+    is missing and how to make it."""
     bundle = ToyBundle(Path(root) if root is not None else BUNDLE_DIR)
     missing = bundle.missing()
     if missing:
         shown = ", ".join(str(p) for p in missing[:3])
-        raise FileNotFoundError(f"the toy bundle in {bundle.root} is incomplete (missing {shown}); "
-                                "rebuild it with `python -m psalign.toy build`")
+        raise IncompleteBundleError(f"the toy bundle in {bundle.root} is incomplete (missing {shown}); "
+                                    "rebuild it with `python -m psalign.toy build`")
     return bundle
 
 

@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from psalign.formats import LORA_WEIGHTS_NAME, PSA_CONFIG_NAME, PSA_WEIGHTS_NAME
+from psalign.formats import LORA_WEIGHTS_NAME, PSA_CONFIG_NAME, PSA_WEIGHTS_NAME, TRAINING_INFO_NAME
 from psalign.io import atomic_path, atomic_write
 from psalign.safe_load import TensorFileError, load_weights_only
 
@@ -55,11 +55,9 @@ CHECKPOINT_FORMAT_VERSION = 1
 
 #: The run's metrics log, one JSON line per optimizer step.
 METRICS_FILE = Path("logs") / "metrics.jsonl"
-#: Beside a trained LoRA: the training arguments and step.
-TRAINING_INFO_FILE = "training_info.json"
 #: What a run writes into its output folder besides checkpoints and validation grids.
 RUN_OUTPUT_FILES = (METRICS_FILE, Path(PSA_CONFIG_NAME), Path(PSA_WEIGHTS_NAME), Path(LORA_WEIGHTS_NAME),
-                    Path(TRAINING_INFO_FILE))
+                    Path(TRAINING_INFO_NAME))
 VALIDATION_DIR = "validation"
 
 

@@ -18,8 +18,10 @@ from typing import Any
 import yaml
 
 from psalign.adapter.adapter import SDXL_MICRO_CONDITIONINGS
+from psalign.cli.common import shown_default
 from psalign.io import InputError, InputProblem
 from .timesteps import TIMESTEP_BIAS_STRATEGIES
+from .objectives import ANCHOR_LATENTS
 from .objectives import OBJECTIVES as OBJECTIVE_REGISTRY
 from .trainables import TRAINABLE_KINDS
 
@@ -100,6 +102,12 @@ class TrainingConfig:
         choices=OBJECTIVES,
     )
     anchor_loss_weight: float = _arg(1.0, "weight of the safe-anchor term in dpo_safe_anchor")
+    anchor_latents: str = _arg(
+        "chosen",
+        "noisy latents the safe-anchor term is taken at: chosen (the chosen image's) or both (the chosen and the "
+        "rejected image's, so the adapter also learns to steer a latent that already shows the rejected content)",
+        choices=ANCHOR_LATENTS,
+    )
     beta_dpo: float = _arg(5000.0, "Diffusion-DPO beta")
     chosen_loss_weight: float = _arg(
         0.0,
@@ -337,8 +345,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         if name in OPTION_GROUPS:
             group = parser.add_argument_group(OPTION_GROUPS[name])
         kind, _ = _base_type(name)
-        default = getattr(defaults, name)
-        shown = "" if default in (None, []) else f" (default: {default})"
+        shown = shown_default(getattr(defaults, name))
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": spec.metadata["help"] + shown}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

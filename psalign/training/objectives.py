@@ -12,6 +12,11 @@ adapted pass, and returns the objective's loss from :mod:`psalign.loss`:
   ``anchor_text``, the caption that drew the chosen image;
 * ``dpo_safe_anchor`` (:func:`dpo_safe_anchor_step_loss`): both, on one noise and timestep per pair.
 
+``anchor_latents`` (:data:`ANCHOR_LATENTS`) says where the anchor term is taken: at the chosen
+image's noisy latent only, or at the rejected image's too (same noise and timestep). For a banned
+category the rejected latent shows the unsafe content, so the adapter learns to steer a trajectory
+that has already started drawing it towards what the base model makes of the safe rewrite.
+
 :data:`OBJECTIVES` names them for the trainer and the config (``--objective``): each
 :class:`Objective` says whether it needs the caption that drew each chosen image and computes its
 loss from one :class:`MicroBatch`. A new objective is one step function and one entry there.
@@ -43,6 +48,10 @@ from .timesteps import sample_timesteps
 
 if TYPE_CHECKING:
     from .config import TrainingConfig
+
+
+#: ``anchor_latents`` values: the chosen image's noisy latent, or the chosen and the rejected image's.
+ANCHOR_LATENTS = ("chosen", "both")
 
 
 def _noisy(noise_scheduler, latents: torch.Tensor, timestep_weights: torch.Tensor | None, dtype: torch.dtype):
@@ -109,17 +118,26 @@ def safe_anchor_step_loss(
     user_embeds: torch.Tensor | None,
     null_user: torch.Tensor | None,
     timestep_weights: torch.Tensor | None = None,
+    anchor_latents: str = "chosen",
 ) -> LossOutput:
-    """:func:`psalign.loss.safe_anchor_loss` of one micro-batch: only the chosen half of
-    ``latents`` is denoised (B frozen and B adapted samples; the rejected images are unused)."""
+    """:func:`psalign.loss.safe_anchor_loss` of one micro-batch: the chosen half of ``latents``
+    is denoised (B frozen and B adapted samples), or with ``anchor_latents="both"`` all 2B."""
     latents, _, timesteps, noisy = _noisy(noise_scheduler, latents, timestep_weights, unet.dtype)
-    pairs = latents.shape[0] // 2
-    noisy, timesteps = noisy[:pairs], timesteps[:pairs]
+    repeat = _anchor_repeat(anchor_latents)
+    rows = latents.shape[0] // 2 * repeat
+    noisy, timesteps = noisy[:rows], timesteps[:rows]
     with adapter.disabled(), torch.no_grad():
-        anchor_pred = unet(noisy, timesteps, **_kwargs(anchor_text, time_ids, latents.device, unet.dtype, 1)).sample
-    _activate(adapter_module, adapter, user_embeds, null_user, 1)
-    model_pred = unet(noisy, timesteps, **_kwargs(text, time_ids, latents.device, unet.dtype, 1)).sample
+        anchor_pred = unet(noisy, timesteps, **_kwargs(anchor_text, time_ids, latents.device, unet.dtype, repeat)).sample
+    _activate(adapter_module, adapter, user_embeds, null_user, repeat)
+    model_pred = unet(noisy, timesteps, **_kwargs(text, time_ids, latents.device, unet.dtype, repeat)).sample
     return safe_anchor_loss(model_pred.float(), anchor_pred.float())
+
+
+def _anchor_repeat(anchor_latents: str) -> int:
+    """How many halves of ``[chosen; rejected]`` the anchor term sees."""
+    if anchor_latents not in ANCHOR_LATENTS:
+        raise ValueError(f"anchor_latents must be one of {ANCHOR_LATENTS}, got {anchor_latents!r}")
+    return 1 if anchor_latents == "chosen" else 2
 
 
 def dpo_safe_anchor_step_loss(
@@ -137,22 +155,24 @@ def dpo_safe_anchor_step_loss(
     chosen_weight: float,
     anchor_weight: float,
     timestep_weights: torch.Tensor | None = None,
+    anchor_latents: str = "chosen",
 ) -> LossOutput:
     """:func:`psalign.loss.dpo_safe_anchor_loss`: the DPO passes on ``[chosen; rejected]`` plus one
-    frozen pass on the chosen latents with ``anchor_text``; the anchor term reuses the adapted
-    prediction of the chosen half."""
+    frozen pass with ``anchor_text`` on the chosen latents (``anchor_latents="both"``: on all 2B);
+    the anchor term reuses the adapted predictions of those latents."""
     latents, noise, timesteps, noisy = _noisy(noise_scheduler, latents, timestep_weights, unet.dtype)
-    pairs = latents.shape[0] // 2
+    repeat = _anchor_repeat(anchor_latents)
+    rows = latents.shape[0] // 2 * repeat
     kwargs = _kwargs(text, time_ids, latents.device, unet.dtype, 2)
     with adapter.disabled(), torch.no_grad():
         reference_pred = unet(noisy, timesteps, **kwargs).sample
-        anchor_kwargs = _kwargs(anchor_text, time_ids, latents.device, unet.dtype, 1)
-        anchor_pred = unet(noisy[:pairs], timesteps[:pairs], **anchor_kwargs).sample
+        anchor_kwargs = _kwargs(anchor_text, time_ids, latents.device, unet.dtype, repeat)
+        anchor_pred = unet(noisy[:rows], timesteps[:rows], **anchor_kwargs).sample
     _activate(adapter_module, adapter, user_embeds, null_user, 2)
     model_pred = unet(noisy, timesteps, **kwargs).sample.float()
     target = regression_target(noise_scheduler, latents, noise, timesteps)
     dpo = diffusion_dpo_loss(model_pred, reference_pred.float(), target.float(), beta=beta, chosen_weight=chosen_weight)
-    anchor = safe_anchor_loss(model_pred[:pairs], anchor_pred.float())
+    anchor = safe_anchor_loss(model_pred[:rows], anchor_pred.float())
     return dpo_safe_anchor_loss(dpo, anchor, anchor_weight)
 
 
@@ -211,13 +231,13 @@ def _dpo(batch: MicroBatch, config: "TrainingConfig") -> DPOLossOutput:
 
 def _safe_anchor(batch: MicroBatch, config: "TrainingConfig") -> LossOutput:
     return safe_anchor_step_loss(*batch.models, batch.text, batch.anchor_text, batch.time_ids, batch.user_embeds,
-                                 batch.null_user, batch.timestep_weights)
+                                 batch.null_user, batch.timestep_weights, config.anchor_latents)
 
 
 def _dpo_safe_anchor(batch: MicroBatch, config: "TrainingConfig") -> LossOutput:
     return dpo_safe_anchor_step_loss(*batch.models, batch.text, batch.anchor_text, batch.time_ids,
                                      batch.user_embeds, batch.null_user, config.beta_dpo, config.chosen_loss_weight,
-                                     config.anchor_loss_weight, batch.timestep_weights)
+                                     config.anchor_loss_weight, batch.timestep_weights, config.anchor_latents)
 
 
 #: Every ``--objective`` by name; ``dpo`` (the published loss) first, the default.

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 
+from psalign.formats import TRAINING_INFO_NAME
 from psalign.io import InputProblem, atomic_write
 
 from . import checkpoints
@@ -211,7 +212,7 @@ class LoRAKind(TrainableKind):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         path = module.save_pretrained(output_dir, StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline, state)
-        with atomic_write(Path(output_dir) / "training_info.json") as handle:
+        with atomic_write(Path(output_dir) / TRAINING_INFO_NAME) as handle:
             json.dump(info, handle, indent=2)
         return path
 
