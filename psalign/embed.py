@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from psalign.cli.common import HelpFormatter, declared_default, given, run_program
+from psalign.cli.common import HelpFormatter, declared_default, given, program_name, run_program
 from psalign.embeddings import (
     DEFAULT_SENTENCE_MODEL_NAME,
     DEFAULT_PROFILE_TEMPLATE,
@@ -21,14 +21,15 @@ from psalign.embeddings import (
     CausalLMUserEncoder,
     SentenceUserEncoder,
     claim_embedding_folder,
+    default_sentence_model_path,
     embedding_info,
     embed_users,
     pending_users,
     write_embedding_stats,
 )
 from psalign.hub import pretrained_problem
-from psalign.io import InputError, InputProblem
-from psalign.users import read_template, read_users
+from psalign.io import InputError, InputProblem, writable_folder_problem
+from psalign.users import UserProfile, read_template, read_users
 
 
 #: The user encoder of each ``--encoder``.
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; ``--batch_size`` and ``--device`` are absent unless given (the encoders'
     defaults apply)."""
     parser = argparse.ArgumentParser(
-        prog="python -m psalign.embed", formatter_class=HelpFormatter,
+        prog=program_name("psalign.embed"), formatter_class=HelpFormatter,
         description="Embed user profiles with a causal LM (masked mean of its last hidden layer) or a "
         "sentence encoder; one <User_ID>.npy per user plus embedding_stats.npz. Reruns resume.",
     )
@@ -78,13 +79,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _encoder_problem(args: argparse.Namespace) -> InputProblem | None:
+    """Why the encoder's model cannot be loaded (a missing folder, an unreachable hub id, the
+    offline sentence-encoder package not installed), found without loading it."""
+    if args.encoder == "llm":
+        return pretrained_problem(args.llm_model, "--llm_model")
+    if args.sentence_model is None:
+        try:
+            default_sentence_model_path()
+        except ImportError as error:
+            return InputProblem("--sentence_model", 0, str(error))
+        return None
+    if not args.sentence_model.is_dir():
+        return InputProblem(str(args.sentence_model), 0, "--sentence_model: no such model folder")
+    return pretrained_problem(str(args.sentence_model), "--sentence_model")
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[list[UserProfile], str]:
+    """The users and the profile template, once every input is known to be usable: the users file,
+    the template, the model and the embeddings folder. :class:`InputError` lists every problem;
+    nothing is loaded or written before this returns."""
+    problems: list[InputProblem] = []
+    users, template = [], DEFAULT_PROFILE_TEMPLATE
+    try:
+        users = read_users(args.users)
+    except InputError as error:
+        problems += error.problems
+    if args.template is not None:
+        try:
+            template = read_template(args.template, PROFILE_TEMPLATE_FIELDS)
+        except InputError as error:
+            problems += error.problems
+    if (problem := _encoder_problem(args)) is not None:
+        problems.append(problem)
+    if (reason := writable_folder_problem(args.embeds_folder)) is not None:
+        problems.append(InputProblem(str(args.embeds_folder), 0, reason, "--embeds_folder"))
+    if problems:
+        raise InputError(problems, header=f"{len(problems)} problem(s) found before loading any model")
+    return users, template
+
+
 def embed(args: argparse.Namespace) -> None:
     """Embed the users of ``args.users`` not yet in ``args.embeds_folder``, then write the statistics."""
-    users = read_users(args.users)
-    template = read_template(args.template, PROFILE_TEMPLATE_FIELDS) if args.template else DEFAULT_PROFILE_TEMPLATE
+    users, template = check_inputs(args)
     model = args.llm_model if args.encoder == "llm" else str(args.sentence_model or DEFAULT_SENTENCE_MODEL_NAME)
-    if args.encoder == "llm" and (problem := pretrained_problem(args.llm_model, "--llm_model")) is not None:
-        raise InputError([problem])
     try:
         claim_embedding_folder(args.embeds_folder, embedding_info(args.encoder, model, template))
     except ValueError as error:

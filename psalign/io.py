@@ -206,6 +206,29 @@ def read_text_lines(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTE
                 yield TextLine(number, None, _utf8_problem(error, chunk))
 
 
+def unreadable_problem(path: str | os.PathLike, error: OSError, what: str = "file") -> InputProblem:
+    """The problem of an input ``path`` that could not be opened or read (``error``), naming
+    ``what`` it should have been (e.g. ``"users CSV file"``)."""
+    if isinstance(error, FileNotFoundError):
+        reason = f"no such {what}"
+    elif isinstance(error, IsADirectoryError):
+        reason = f"is a folder, not a {what}"
+    elif isinstance(error, PermissionError):
+        reason = f"the {what} cannot be read: permission denied"
+    else:
+        reason = f"the {what} cannot be read: {error.strerror or error}"
+    return InputProblem(str(path), 0, reason)
+
+
+def read_input_text(path: str | os.PathLike, what: str = "file") -> str:
+    """:func:`read_utf8_text` for an input the user named: a file that is missing, a folder or
+    unreadable is an :class:`InputError` too (:func:`unreadable_problem`)."""
+    try:
+        return read_utf8_text(path)
+    except OSError as error:
+        raise InputError([unreadable_problem(path, error, what)]) from None
+
+
 def read_utf8_text(path: str | os.PathLike) -> str:
     """The whole text of a UTF-8 file (a leading byte-order mark is dropped); :class:`InputError`
     naming the line of the first byte that is not UTF-8."""

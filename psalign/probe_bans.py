@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from psalign.categories import CATEGORIES
-from psalign.cli.common import run_program
+from psalign.cli.common import program_name, run_program
 from psalign.embeddings import BanProbe, load_user_embeddings
 from psalign.levels import LEVEL_BANS, reference_user
 from psalign.users import UserProfile, read_users
@@ -25,7 +25,7 @@ from psalign.users import UserProfile, read_users
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m psalign.probe_bans",
+        prog=program_name("psalign.probe_bans"),
         description="Fit a linear ban probe on the training users' embeddings and report how well it "
         "reads other users' bans (per category and per user).",
     )

@@ -257,10 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import sys
 
+    from psalign.cli.common import program_name
     from psalign.io import atomic_write
     from psalign.levels import LEVEL_SETS, level_users
 
-    parser = argparse.ArgumentParser(prog="python -m psalign.prompt_sets", description=(
+    parser = argparse.ArgumentParser(prog=program_name("psalign.prompt_sets"), description=(
         "Turn a published evaluation or attack prompt set into an infer.py prompts file: the rows' own Sage users, "
         "no users (for methods without them), or one level's user per --level (one output file per level: "
         "<output stem>_<level>.jsonl when several are given)."))

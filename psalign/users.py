@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import io
 import re
 import string
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from psalign.categories import CATEGORIES, canonical_category, sort_categories
-from psalign.io import InputError, InputProblem, atomic_write
+from psalign.io import InputError, InputProblem, atomic_write, read_input_text
 
 #: ``Religion`` value of a user with no religion (a value, not a missing cell).
 NO_RELIGION = "None"
@@ -184,17 +185,32 @@ _FIELD_PARSERS: dict[str, Callable[[str], object]] = {
 }
 
 
+def _csv_rows(reader, path: Path) -> Iterable[list[str]]:
+    """The rows of ``reader``; text the CSV parser cannot split is an :class:`InputError` at its line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            raise InputError([InputProblem(str(path), reader.line_num, f"not valid CSV: {error}")],
+                             header=f"{path} is not a users file") from None
+        yield row
+
+
 def read_users(path: str | Path) -> list[UserProfile]:
     """Read a users CSV in the published or the explicit layout (see the module docstring).
 
     The layout is chosen by the header: with a ``User_ID`` column ids come from it, otherwise a
     row's id is its index + 1. Every bad row is reported at once as ``InputError`` with
-    ``file:line: field: reason`` (line 1 is the header).
+    ``file:line: field: reason`` (line 1 is the header); so is a file that is missing, unreadable,
+    not UTF-8 or not CSV.
     """
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as handle:
+    with io.StringIO(read_input_text(path, "users CSV file"), newline="") as handle:
         reader = csv.reader(handle)
-        header = next(reader, None)
+        rows = _csv_rows(reader, path)
+        header = next(rows, None)
         if header is None:
             raise InputError([InputProblem(str(path), 0, "the file is empty; expected a CSV header")])
         header = [h.strip() for h in header]
@@ -211,7 +227,7 @@ def read_users(path: str | Path) -> list[UserProfile]:
         users: list[UserProfile] = []
         seen: dict[str, int] = {}
         row_index = -1  # index among non-blank rows: the published id of a row is its index + 1
-        for row in reader:
+        for row in rows:
             line = reader.line_num
             if not row:  # a blank line holds no user
                 continue
@@ -509,5 +525,6 @@ def check_template(template: str, allowed: Iterable[str], source: str = "<templa
 
 
 def read_template(path: str | Path, allowed: Iterable[str]) -> str:
-    """Read a template file and check it (:func:`check_template`); errors name the file and line."""
-    return check_template(Path(path).read_text(encoding="utf-8"), allowed, str(path))
+    """Read a template file and check it (:func:`check_template`); errors (a missing or unreadable
+    file included) are :class:`InputError` naming the file and line."""
+    return check_template(read_input_text(path, "template file"), allowed, str(path))

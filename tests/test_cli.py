@@ -185,6 +185,36 @@ def test_evaluate_defaults_come_from_the_config_dataclass(tmp_path, monkeypatch)
     assert config.target_folders == [Path("outputs/images")] and config.output == Path("outputs/images/results.csv")
 
 
+def test_evaluate_refuses_a_missing_target_folder_without_announcing_choices_first(tmp_path):
+    result = run([sys.executable, str(ROOT / "evaluate.py"), "--metrics", "inpro", "--target_folder", "nowhere"],
+                 tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "nowhere: image folder does not exist" in result.stderr
+    assert "results go to" not in result.stderr and "InPro classifier:" not in result.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_evaluate_without_nudenet_names_both_remedies_for_real_model_images(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    import evaluate
+    from psalign.metrics import evaluation
+
+    monkeypatch.setattr(evaluation, "nudenet_available", lambda: False)
+    images = tmp_path / "sd15"
+    images.mkdir()
+    for index in range(2):  # images with no generation log: not the toy model's, so Q16 + NudeNet
+        Image.fromarray(np.full((64, 64, 3), 40 * index, np.uint8)).save(images / f"img_{index}.png")
+    argv = ["--metrics", "inpro", "--target_folder", str(images), "--device", "cpu"]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "InPro classifier: q16 + nudenet" in err
+    refusal = next(line for line in err.splitlines() if "NudeNet is not installed" in line)
+    assert 'pip install "psalign[nudenet]"' in refusal and "--inpro_classifiers q16" in refusal
+    assert not (images / "results.csv").exists()
+
+
 # ------------------------------------------------------------------------------------------------ launchers
 
 
@@ -334,6 +364,48 @@ def test_toy_build_refuses_bad_options_with_status_2_and_no_traceback(tmp_path, 
     assert not work.exists()
 
 
+def fake_stages(monkeypatch) -> list[str]:
+    """Replace every toy build stage with one that only records its name (nothing is trained)."""
+    from psalign.toy import build as toy_build
+
+    ran: list[str] = []
+    for stage in toy_build.STAGES:
+        monkeypatch.setitem(toy_build.RUNNERS, stage, lambda config, stage=stage: ran.append(stage) or {"seconds": 0})
+    return ran
+
+
+def test_toy_build_checks_its_training_configs_before_any_stage_runs(tmp_path, monkeypatch, capsys):
+    from psalign.toy.__main__ import main
+
+    ran = fake_stages(monkeypatch)
+    work = tmp_path / "work"
+    not_training = tmp_path / "not_training.yaml"
+    not_training.write_text("learning_rate: 1e-5\nshoe_size: 44\n")
+    status = main(["build", "--work_dir", str(work), "--psa_config", str(tmp_path / "absent.yaml"),
+                   "--psa_finetune_config", str(tmp_path), "--safetydpo_config", str(not_training)])
+    err = capsys.readouterr().err
+    assert status == 2 and ran == [] and not work.exists()
+    assert "Traceback" not in err and "checked before any stage runs" in err
+    assert f"{tmp_path / 'absent.yaml'}: --psa_config: no such training YAML file" in err
+    assert f"{tmp_path}: --psa_finetune_config: is a folder, not a training YAML file" in err
+    assert f"{not_training}:2: shoe_size: unknown argument" in err
+    # the shipped configs pass, and a config is only needed by a stage that will run
+    absent = str(tmp_path / "absent.yaml")
+    assert main(["build", "--work_dir", str(work), "--until", "sage", "--psa_config", absent]) == 0
+    assert ran == ["vae", "base", "sage"]
+
+
+def test_toy_build_library_entry_checks_the_configs_too(tmp_path, monkeypatch):
+    from psalign.io import InputError
+    from psalign.toy import build as toy_build
+
+    ran = fake_stages(monkeypatch)
+    config = toy_build.BuildConfig(work=tmp_path / "work", safetydpo_config=tmp_path / "absent.yaml")
+    with pytest.raises(InputError, match="safetydpo_config: no such training YAML file"):
+        toy_build.build(config)
+    assert ran == [] and toy_build.training_config_problems(toy_build.BuildConfig(work=tmp_path / "w")) == []
+
+
 def test_demo_refuses_an_incomplete_bundle_and_a_file_as_output_with_status_2(tmp_path, monkeypatch, capsys):
     from psalign import demo
     from psalign.toy import bundle
@@ -420,3 +492,117 @@ def test_the_installed_commands_run():
     for command in ("psalign-eval", "psalign-infer", "psalign-train", "psalign-launch"):
         result = run([shutil.which(command), "--help"], ROOT, timeout=120)
         assert result.returncode == 0 and result.stdout.startswith(f"usage: {command}"), command
+
+
+
+@pytest.mark.parametrize("name, option", [("infer", "--output_dir"), ("evaluate", "--target_folder"),
+                                          ("train_psa", "--pretrained_model"), ("train_safetydpo", "--category"),
+                                          ("launch", "--num_gpus")])
+def test_every_cli_module_runs_with_python_m(tmp_path, name, option):
+    result = run([sys.executable, "-m", f"psalign.cli.{name}", "--help"], tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ") and option in result.stdout and "Traceback" not in result.stderr
+
+
+def test_help_names_the_program_as_it_was_started(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/psalign-toy", "build"])
+    assert common.program_name("psalign.toy") == "psalign-toy"
+    monkeypatch.setattr(sys, "argv", ["/repo/psalign/toy/__main__.py", "build"])
+    assert common.program_name("psalign.toy") == "python -m psalign.toy"
+    result = run([sys.executable, "-m", "psalign.toy", "build", "--help"], tmp_path, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m psalign.toy build"), result.stderr
+    import shutil
+
+    if (installed := shutil.which("psalign-toy")) is not None:  # the installed command names itself
+        result = run([installed, "build", "--help"], tmp_path, timeout=120)
+        assert result.returncode == 0 and result.stdout.startswith("usage: psalign-toy build"), result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ common flags
+
+#: Every user-facing command: its main's module and the arguments before ``--help``.
+COMMANDS = {
+    "train_psa": ("psalign.cli.train_psa", []), "train_safetydpo": ("psalign.cli.train_safetydpo", []),
+    "infer": ("psalign.cli.infer", []), "evaluate": ("psalign.cli.evaluate", []), "embed": ("psalign.embed", []),
+    "probe_bans": ("psalign.probe_bans", []), "merge_experts": ("psalign.safetydpo.merge_experts", []),
+    "reproduce": ("psalign.reproduce", []), "sage build": ("psalign.sage.__main__", ["build"]),
+    "toy build": ("psalign.toy.__main__", ["build"]), "demo": ("psalign.demo", []),
+    "prompt_sets": ("psalign.prompt_sets", []),
+}
+#: The canonical spelling of each common flag, and spellings that would mean the same thing.
+CANONICAL_FLAGS = {
+    "--output_dir": {"--out", "--output", "--out_dir", "--outdir", "--output_folder", "--output_path", "--save_path",
+                     "--save_dir"},
+    "--pretrained_model": {"--sd_model", "--model", "--model_path", "--pretrained_model_name_or_path", "--base_model"},
+    "--embeds_folder": {"--embeds", "--embeddings", "--embeds_dir", "--embedding_folder", "--embeddings_folder",
+                        "--embedding_dir"},
+}
+#: Spellings that a command gives another meaning: what they name there.
+OTHER_MEANINGS = {("evaluate", "--output"): "the results CSV", ("prompt_sets", "--output"): "the prompts JSONL",
+                  ("embed", "--out"): "the embeddings folder it writes, an alias of --embeds_folder"}
+#: The common flags each command takes.
+TAKES = {
+    "train_psa": {"--output_dir", "--pretrained_model", "--embeds_folder"},
+    "train_safetydpo": {"--output_dir", "--pretrained_model", "--embeds_folder"},
+    "infer": {"--output_dir", "--pretrained_model", "--embeds_folder"},
+    "evaluate": set(), "embed": {"--embeds_folder"}, "probe_bans": {"--embeds_folder"},
+    "merge_experts": {"--output_dir", "--pretrained_model"}, "reproduce": {"--output_dir", "--embeds_folder"},
+    "sage build": {"--output_dir", "--pretrained_model"}, "toy build": {"--output_dir"}, "demo": {"--output_dir"},
+    "prompt_sets": {"--embeds_folder"},
+}
+
+
+def help_options(command: str, monkeypatch, capsys) -> list[list[str]]:
+    """The option strings of each option in ``command``'s --help, in the order shown."""
+    import importlib
+
+    module, argv = COMMANDS[command]
+    monkeypatch.setenv("COLUMNS", "300")  # one line per option
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main([*argv, "--help"])
+    assert exit_info.value.code == 0, command
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if re.match(r"^  -", line)]
+    return [re.findall(r"(?:^|, )(--?[\w-]+)", re.split(r"\s{2,}", line)[0]) for line in lines]
+
+
+def flag_problems(command: str, options: list[list[str]]) -> list[str]:
+    """Where ``command``'s options stray from the canonical spellings."""
+    problems = []
+    for strings in options:
+        for canonical, synonyms in CANONICAL_FLAGS.items():
+            other = [s for s in strings if s in synonyms and (command, s) not in OTHER_MEANINGS]
+            if other and canonical not in strings:
+                problems.append(f"{command}: {', '.join(strings)} instead of {canonical}")
+            elif canonical in strings and strings[0] != canonical:
+                problems.append(f"{command}: {', '.join(strings)} does not show {canonical} first")
+    shown = {s for strings in options for s in strings}
+    problems += [f"{command}: no {flag}" for flag in TAKES[command] - shown]
+    return problems
+
+
+def test_the_common_flag_check_catches_deviations():
+    assert flag_problems("demo", [["--output_dir", "--out"]]) == []
+    assert flag_problems("demo", [["--out_dir"]]) == ["demo: --out_dir instead of --output_dir",
+                                                      "demo: no --output_dir"]
+    assert flag_problems("embed", [["--embeds", "--embeds_folder"]]) == [
+        "embed: --embeds, --embeds_folder does not show --embeds_folder first"]
+    assert flag_problems("merge_experts", [["--output_dir"], ["--sd_model"]]) == [
+        "merge_experts: --sd_model instead of --pretrained_model", "merge_experts: no --pretrained_model"]
+    assert flag_problems("evaluate", [["--output"]]) == [] and flag_problems("reproduce", [["--output"]]) != []
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_spells_the_common_flags_the_same_way(command, monkeypatch, capsys):
+    options = help_options(command, monkeypatch, capsys)
+    assert ["-h", "--help"] in options and len(options) >= 2
+    assert flag_problems(command, options) == []
+
+
+@pytest.mark.parametrize("module", ["psalign.cli.train_psa", "psalign.cli.train_safetydpo"])
+def test_training_accepts_the_published_model_flag(module):
+    import importlib
+
+    parse = importlib.import_module(module).parse_args
+    base = ["--category", "Hate", "--output_dir", "o"] if module.endswith("safetydpo") else ["--output_dir", "o"]
+    published, canonical = parse([*base, "--sd_model", "m"]), parse([*base, "--pretrained_model", "m"])
+    assert published == canonical and canonical.pretrained_model == "m"

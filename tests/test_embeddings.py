@@ -309,3 +309,96 @@ def test_probe_bans_cli_names_users_without_embeddings(tmp_path, capsys):
     assert "error: " in (err := capsys.readouterr().err) and "3 user" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         probe_bans.main(["--embeds", str(tmp_path / "embeds"), "--train_users", str(tmp_path / "train.csv")])
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m psalign.embed through the real entry point: every expected input problem is exit 2, one
+# located message, no traceback, before any model loads and before anything is written
+
+
+def run_embed(cwd, *args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "psalign.embed", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def fake_llm(folder):
+    """A folder that passes the model check but that no loader can read (a load would fail loudly)."""
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+HEADER = "Age,Age_Group,Gender,Religion,Physical_Condition,Mental_Condition,Banned_Categories,Allowed_Categories\n"
+ROW = "30,young adults,male,None,healthy,healthy,[],[]\n"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", r"missing\.csv: no such users CSV file"),
+    ("folder", r"users\.csv: is a folder, not a users CSV file"),
+    ("not_utf8", r"users\.csv:2: not valid UTF-8 \(byte 0xff at column 4\)"),
+    ("no_columns", r"users\.csv:1: header: missing column\(s\) \['Age_Group'"),
+    ("bad_row", r"users\.csv:3: Age: 'thirty'"),
+    ("not_csv", r"users\.csv:2: not valid CSV: field larger than field limit"),
+    ("empty", r"users\.csv: the file is empty"),
+])
+def test_embed_refuses_a_bad_users_file_with_status_2_and_no_traceback(tmp_path, case, expected):
+    users = tmp_path / ("missing.csv" if case == "missing" else "users.csv")
+    if case == "folder":
+        users.mkdir()
+    elif case == "not_utf8":
+        users.write_bytes(HEADER.encode() + b"30,\xff" + ROW[3:].encode())
+    elif case == "no_columns":
+        users.write_text("Age,Gender\n30,male\n")
+    elif case == "bad_row":
+        users.write_text(HEADER + ROW + ROW.replace("30", "thirty"))
+    elif case == "not_csv":
+        users.write_text(HEADER + '30,"' + "x" * 200_000 + '"\n')
+    elif case == "empty":
+        users.write_text("")
+    result = run_embed(tmp_path, "--users", users, "--llm_model", fake_llm(tmp_path / "llm"),
+                       "--embeds_folder", tmp_path / "embeds")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+    assert re.search(expected, result.stderr), result.stderr
+    assert not (tmp_path / "embeds").exists()  # nothing written
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="file permissions do not bind the superuser")
+def test_embed_refuses_an_unreadable_users_file(tmp_path):
+    users = tmp_path / "users.csv"
+    users.write_text(HEADER + ROW)
+    users.chmod(0)
+    result = run_embed(tmp_path, "--users", users, "--llm_model", fake_llm(tmp_path / "llm"),
+                       "--embeds_folder", tmp_path / "embeds")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "users.csv: the users CSV file cannot be read: permission denied" in result.stderr
+
+
+def test_embed_reports_every_input_problem_at_once_before_loading(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the embeddings folder should be")
+    result = run_embed(tmp_path, "--users", "absent.csv", "--template", "absent.txt", "--llm_model", "./no_llm",
+                       "--embeds_folder", taken)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "4 problem(s) found before loading any model" in result.stderr
+    for expected in ("absent.csv: no such users CSV file", "absent.txt: no such template file",
+                     "./no_llm: --llm_model: no such model folder",
+                     f"{taken}: --embeds_folder: is a file, not a folder"):
+        assert expected in result.stderr, (expected, result.stderr)
+    assert taken.read_text() == "a file where the embeddings folder should be"
+
+
+def test_embed_refuses_a_missing_sentence_model_folder(tmp_path):
+    users = write_users(tmp_path / "users.csv", generate_users(2, seed=0))
+    result = run_embed(tmp_path, "--users", users, "--encoder", "sentence", "--sentence_model", tmp_path / "no_model",
+                       "--embeds_folder", tmp_path / "embeds")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{tmp_path / 'no_model'}: --sentence_model: no such model folder" in result.stderr
+    assert not (tmp_path / "embeds").exists()

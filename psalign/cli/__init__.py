@@ -11,6 +11,8 @@ root script / module     installed command           module
 ``launchers/*.sh``       ``psalign-launch``          :mod:`psalign.cli.launch`
 =======================  ==========================  ==============================
 
+Each module also runs as ``python -m psalign.cli.<name>`` (``python -m psalign.cli.infer --help``).
+
 Exit status everywhere: 0 done, 2 refused inputs (one readable message, no traceback), 130
 interrupted (what was written is kept; rerun to resume). The common flags share one spelling:
 ``--pretrained_model`` (the base pipeline), ``--output_dir`` (the folder written),

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import inspect
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from psalign.io import InputError
@@ -17,6 +18,17 @@ EXIT_OK = 0
 EXIT_REFUSED = 2
 #: Ctrl-C: what was written is kept, and the message says how to resume.
 EXIT_INTERRUPTED = 130
+
+
+#: The installed commands' common prefix (``[project.scripts]``: ``psalign-toy``, ``psalign-embed``, ...).
+COMMAND_PREFIX = "psalign-"
+
+
+def program_name(module: str) -> str:
+    """The name ``--help`` gives the program of ``module``: the installed command when that is
+    what runs (``psalign-toy``), else the form ``python -m psalign.toy``."""
+    command = Path(sys.argv[0] if sys.argv else "").name.removesuffix(".exe")
+    return command if command.startswith(COMMAND_PREFIX) else f"python -m {module}"
 
 
 def _shown(value: Any) -> str:

@@ -179,6 +179,10 @@ def default_output(targets: list[Path]) -> Path:
     return Path(os.path.commonpath([os.path.abspath(t) for t in targets])) / RESULTS_NAME
 
 
+def _quiet(message: str) -> None:
+    """A log that prints nothing."""
+
+
 def evaluation_config(args: argparse.Namespace, log=print) -> EvaluationConfig:
     """The :class:`EvaluationConfig` of parsed arguments: targets expanded into groups, the output
     beside them, the device and the InPro classifiers chosen (each choice that was not given is
@@ -188,6 +192,8 @@ def evaluation_config(args: argparse.Namespace, log=print) -> EvaluationConfig:
     if targets == [DEFAULT_OUTPUT_DIR] and not DEFAULT_OUTPUT_DIR.is_dir():
         raise InputError([InputProblem("--target_folder", 0, f"not given, and {DEFAULT_OUTPUT_DIR}/ (where infer.py "
                                        "writes by default) does not exist here: pass the folder of your images")])
+    if not all(Path(target).is_dir() for target in targets):
+        log = _quiet  # the input checks will refuse the run: their report is all that is printed
     groups = [group for target in targets for group in image_groups(target)]
     if groups != targets:
         log(f"evaluating {len(groups)} group(s): " + ", ".join(str(g) for g in groups))
@@ -231,3 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"interrupted: the rows finished so far{where}; run the same command again to compute the rest"
 
     return run_program(evaluate, interrupted, refused=(JudgeError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--unet_weights", type=Path, help="erased_unet: safetensors UNet state dict (ESD-u, UCE, ...)")
     methods.add_argument("--sld_preset", choices=SLD_PRESETS,
                          help="sld: Safe Latent Diffusion preset" + default_text(config, "sld_preset"))
+    methods.add_argument("--sld_concept", metavar="TEXT",
+                         help="sld: the safety concept text to steer away from (default: diffusers' own)")
     psa = parser.add_argument_group("personalization (psa)")
     psa.add_argument("--adapter", "--psa_path", dest="psa_path", type=Path, metavar="PATH",
                      help="PSA adapter: a folder (psalign format), a published psa_adapter.bin, or a hub repo id; "
@@ -159,3 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 "run the same command again to resume")
 
     return run_program(generate, interrupted, refused=(IncompleteBundleError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from psalign.cli.common import EXIT_INTERRUPTED, EXIT_REFUSED, HelpFormatter
+from psalign.cli.common import EXIT_INTERRUPTED, EXIT_REFUSED, HelpFormatter, program_name
 
 
 
@@ -91,7 +91,8 @@ def run_accelerate(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="psalign-launch", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=program_name("psalign.cli.launch"), description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--num_gpus", type=int, required=True, help="training processes, one per GPU; 0: the CPU")
     parser.add_argument("--accelerate_args", default="",
                         help="more `accelerate launch` arguments, one string (e.g. \"--config_file multi_node.yaml\")")

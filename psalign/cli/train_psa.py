@@ -74,3 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 refused inputs or a stopped run (one message), 130 interrupted."""
     return run_training(lambda: config_from_args(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

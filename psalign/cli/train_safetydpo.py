@@ -55,3 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     args.trainable = "lora"
     return run_training(lambda: config_from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

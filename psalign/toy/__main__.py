@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from psalign.cli.common import run_program
+from psalign.cli.common import program_name, run_program
 from psalign.io import InputError, InputProblem
 
 from . import build as build_module
@@ -15,6 +15,8 @@ from .build import add_build_arguments, build, config_from_args
 def run_build(args: argparse.Namespace) -> None:
     """Check the options, start from ``--base_from`` when given, and run the stages."""
     config = config_from_args(args)
+    # before --base_from copies anything, and long before the stages that read them
+    build_module.check_training_configs(config, args.until, reused=("safetydpo",) if args.reuse_safetydpo else ())
     if args.base_from is not None:
         try:
             build_module.reuse_base_model(config, args.base_from, safetydpo=args.reuse_safetydpo)
@@ -27,7 +29,7 @@ def run_build(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 refused options, 130 interrupted (finished stages are kept)."""
-    parser = argparse.ArgumentParser(prog="python -m psalign.toy", description=__doc__)
+    parser = argparse.ArgumentParser(prog=program_name("psalign.toy"), description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser(
         "build", help="run the build stages (resumable: finished stages are skipped)",
