@@ -64,6 +64,7 @@ import yaml
 from psalign.io import InputError, InputProblem, atomic_write
 from psalign.levels import LEVEL_SETS, LevelUser, level_users
 from psalign.metrics.report import (
+    PUBLISHED_COLUMNS,
     RESULT_LAYOUTS,
     ResultRow,
     current_published_rows,
@@ -82,7 +83,7 @@ GRID_KEYS = ("output", "levels", "users_csv", "embeds_folder", "data_root", "lim
              "batch_size", "evaluation", "datasets", "models", "methods")
 #: ``InferenceConfig`` fields a method entry's options may set (paths relative to the YAML).
 METHOD_OPTIONS = ("psa_path", "psa_scale", "lora_path", "lora_scale", "prompt_mode", "unet_weights", "sld_preset",
-                  "embeds_folder", "llm_model", "encoder", "sentence_model", "dtype")
+                  "sld_concept", "embeds_folder", "llm_model", "encoder", "sentence_model", "dtype")
 _PATH_OPTIONS = ("psa_path", "lora_path", "unet_weights", "embeds_folder")
 SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width")
 #: ``EvaluationConfig`` fields the grid's ``evaluation`` may set (paths relative to the YAML).
@@ -712,6 +713,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_published_table(path: Path) -> None:
+    """:class:`InputError` unless ``path`` is a readable table in the published layout, every line
+    of it well formed (the problems named by file and line)."""
+    if not Path(path).is_file():
+        raise InputError([InputProblem(str(path), 0, "file not found", "--compare")])
+    if not is_published_layout(path):
+        raise InputError([InputProblem(str(path), 1, "not a table in the published layout (header "
+                                       f"{', '.join(PUBLISHED_COLUMNS)}[, state, timestamp])", "--compare")])
+    read_published_rows(path)
+
+
 def grid_from_args(args: argparse.Namespace) -> Grid:
     """The grid YAML with the command line's overrides."""
     grid = load_grid(args.grid, data_root=args.data_root)
@@ -729,6 +741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         grid = grid_from_args(args)
+        if args.compare is not None:
+            check_published_table(args.compare)  # before hours of generation, not after
         cells = plan_cells(grid)
         if args.dry_run:
             check_cells(grid, cells, args.device)
@@ -736,8 +750,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(" / ".join(cell.parts), f"({len(_cell_lines(grid, cell))} prompts)")
             print(f"{len(cells)} cell(s); nothing generated")
             return 0
-        if args.compare is not None and not is_published_layout(args.compare):
-            raise InputError([InputProblem(str(args.compare), 1, "--compare: not a table in the published layout")])
         if args.tables_only:
             rows = grid_rows(grid, cells)
         else:

@@ -136,6 +136,27 @@ def test_sld_generates_on_sd15_and_refuses_sdxl(tiny_sd15_path, tiny_sdxl_path, 
         get_method("sld")().prepare(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path), [], "cpu")
 
 
+def test_sld_concept_replaces_diffusers_default_and_steers_the_images(tiny_sd15_path, tmp_path, capsys):
+    concept = "NSFW, Hate, Harassment, Violence, Self-Harm, Sexuality, Shocking, Propaganda"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_path, safety_checker=None)
+    default = get_method("sld")("max").prepare(pipe, [], "cpu")
+    custom = get_method("sld")("max", concept).prepare(pipe, [], "cpu")
+    assert custom.safety_concept == concept and default.safety_concept not in (concept, None)
+    # through infer.py: the concept is logged (None: diffusers' own) and changes what is drawn
+    common = ["--method", "sld", "--sld_preset", "max"]  # max: safety guidance from the first step
+    (tmp_path / "default").mkdir()
+    (tmp_path / "custom").mkdir()
+    out_default, log_default = run_method(tiny_sd15_path, tmp_path / "default", *common)
+    out_custom, log_custom = run_method(tiny_sd15_path, tmp_path / "custom", *common, "--sld_concept", concept)
+    assert log_default["a.png"]["sld_concept"] is None and log_custom["a.png"]["sld_concept"] == concept
+    assert not (pixels(out_default / "a.png") == pixels(out_custom / "a.png")).all()
+    with pytest.raises(ValueError, match="SLD concept must be a non-empty text"):
+        get_method("sld")("medium", "  ")
+    code = infer.main(["--sd_model", str(tiny_sd15_path), "--meta_data", str(tmp_path / "default" / "p.jsonl"),
+                       "--save_path", str(tmp_path / "blank"), *common, "--sld_concept", ""])
+    assert code == 2 and "SLD concept must be a non-empty text" in capsys.readouterr().err
+
+
 @register_method
 class MirrorMethod(Method):
     """A plug-in defined outside the library: the base image, mirrored."""

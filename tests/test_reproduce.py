@@ -235,6 +235,46 @@ def test_the_generation_log_names_the_level_and_its_user(tmp_path):
     assert label_from_generation_log(folder).level == "level_3"
 
 
+def test_the_generation_log_names_the_base_model_and_the_erasure(tmp_path):
+    from psalign.metrics.evaluation import label_from_generation_log
+
+    def label(name: str, **fields):
+        folder = tmp_path / name
+        folder.mkdir()
+        entries = [{"file_name": f"{i}.png", "method": "base", "model": str(tmp_path / "models" / "model"), **fields}
+                   for i in range(2)]
+        (folder / "generation_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+        return label_from_generation_log(folder)
+
+    # the pipeline class and UNet text width infer.py logs name the base model
+    assert label("xl", pipeline="StableDiffusionXLPipeline", cross_attention_dim=2048).model == "sdxl"
+    assert label("v15", pipeline="StableDiffusionPipeline", cross_attention_dim=768).model == "sd15"
+    assert label("v21", pipeline="StableDiffusionPipeline", cross_attention_dim=1024).model == "model"  # SD2.x
+    assert label("tiny", pipeline="StableDiffusionPipeline", cross_attention_dim=32).model == "model"
+    assert label("gone").model == "model"  # an older log, its model folder gone: the folder's name
+    model = tmp_path / "models" / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (model / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 2048}))
+    assert label("older", method="psa").model == "sdxl"  # an older log: the model folder's configs
+    # an erased UNet is named by what its weights' name says
+    published_esdu = ("/w/esd-models/sd/esd-NSFW,_Hate,_Harassment,_Violence,_Self-Harm,_Sexuality,_Shocking,"
+                      "_Propaganda-from-NSFW,_Hate,_Harassment,_Violence,_Self-Harm,_Sexuality,_Shocking,"
+                      "_Propaganda-esdu.safetensors")
+    assert label("esdu", method="erased_unet", unet_weights=published_esdu).method == "esdu"
+    assert label("esd_u", method="erased_unet", unet_weights="/w/ESD-u_sdxl.safetensors").method == "esdu"
+    assert label("uce", method="erased_unet", unet_weights="/w/nsfw_uce_sd.safetensors").method == "uce"
+    assert label("uce_folder", method="erased_unet", unet_weights="/w/uce/unet.safetensors").method == "uce"
+    for name, weights in [("produce", "/w/produce_erased.safetensors"), ("both", "/w/esdu_vs_uce.safetensors"),
+                          ("none", "/w/erased.safetensors")]:
+        assert label(name, method="erased_unet", unet_weights=weights).method == "erased_unet", name
+    mixed = label("mixed", method="erased_unet", unet_weights="/w/uce.safetensors")
+    with open(tmp_path / "mixed" / "generation_log.jsonl", "a") as handle:
+        handle.write(json.dumps({"file_name": "9.png", "method": "erased_unet", "model": "/m/model",
+                                 "unet_weights": "/w/esdu.safetensors"}) + "\n")
+    assert mixed.method == "uce" and label_from_generation_log(tmp_path / "mixed").method == "esdu+uce"
+
+
 # ------------------------------------------------------------------ the grid
 
 def test_the_shipped_grids_parse_and_the_paper_grid_names_its_missing_files(tmp_path):
@@ -247,6 +287,12 @@ def test_the_shipped_grids_parse_and_the_paper_grid_names_its_missing_files(tmp_
     assert [m.name for m in paper.methods] == ["base", "sld", "esdu", "uce", "safetydpo", "psa"]
     assert {m.method for m in paper.methods if m.name in ("esdu", "uce")} == {"erased_unet"}
     assert paper.levels == "published" and paper.methods[-1].levels == tuple(f"level_{k}" for k in range(1, 6))
+    # the published generation: seed 2025, 40 steps, guidance 7.5; SLD Medium with the categories as its concept
+    assert paper.seed == 2025
+    assert paper.sampling == {"num_inference_steps": 40, "guidance_scale": 7.5}
+    sld = next(m for m in paper.methods if m.name == "sld")
+    assert sld.options == {"sld_preset": "medium", "sld_concept": "NSFW, Hate, Harassment, Violence, Self-Harm, "
+                                                                  "Sexuality, Shocking, Propaganda"}
     with pytest.raises(InputError) as raised:
         plan_cells(paper)
     text = str(raised.value)
@@ -324,6 +370,41 @@ def test_a_minimal_toy_grid_end_to_end_and_resumed(tmp_path, one_torch_thread, c
     assert main([str(grid), "--device", "cpu"]) == 0  # resumes: nothing redrawn, nothing recomputed
     assert image.stat().st_mtime_ns == stamp
     assert read_results(out / "results.csv") == rows
+    toy_unet = json.loads((Path(log[0]["model"]) / "unet" / "config.json").read_text())
+    assert {(e["pipeline"], e["cross_attention_dim"]) for e in log} == {("StableDiffusionPipeline",
+                                                                         toy_unet["cross_attention_dim"])}
+
+    # --tables_only --compare: the published table's duplicated keys, its current row beside ours
+    published = write_csv(tmp_path / "eval_results.csv", [*PUBLISHED_COLUMNS, "state", "timestamp"], [
+        ["toy_attack", "base", "toy", "none", "inpro", "0.9", "succeeded", "06-22 10:00"],
+        ["toy_attack", "base", "toy", "none", "inpro", "0.1", "old", "06-23 10:00"],  # later, but old
+        ["toy_attack", "psa_adapter", "toy", "level_5", "asr", "0.25", "old", "06-22 10:00"],
+        ["toy_attack", "psa_adapter", "toy", "level_5", "asr", "0.5", "succeeded", "06-22 11:00"],
+        ["elsewhere", "base", "toy", "none", "inpro", "0.3", "succeeded", "06-22 10:00"],
+    ])
+    shutil.rmtree(out / "images")
+    (out / "results.md").unlink()
+    capsys.readouterr()
+    assert main([str(grid), "--tables_only", "--compare", str(published)]) == 0
+    assert not (out / "images").exists()  # nothing drawn
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'comparison.csv'}" in printed and (out / "results.md").is_file()
+    with open(out / "comparison.csv", newline="") as handle:
+        compared = {(r["method"], r["metric"]): r for r in csv.DictReader(handle)}
+    ours = {(r.method, r.metric): r for r in rows if ":" not in r.metric}
+    assert set(compared) == set(ours) == {("base", "asr(toy)"), ("base", "inpro(toy)"), ("psa", "asr(toy)"),
+                                          ("psa", "inpro(toy)")}
+    for key, value in [(("base", "inpro(toy)"), 0.9), (("psa", "asr(toy)"), 0.5)]:
+        row, mine = compared[key], ours[key]
+        assert row["ours"] == f"{mine.value:.4f}" and row["published"] == f"{value:.4f}"
+        assert row["difference"] == f"{mine.value - value:.4f}"
+        assert row["published_within_ci"] == ("yes" if mine.ci_low <= value <= mine.ci_high else "no")
+        assert "ours uses the classifiers toy, the published q16+nudenet" in row["note"]
+    assert compared[("base", "inpro(toy)")]["level"] == "none"
+    assert "ours measures user 9999995, the published level_5 user 0000501" in compared[("psa", "asr(toy)")]["note"]
+    assert compared[("base", "asr(toy)")]["published"] == "" and compared[("base", "asr(toy)")]["note"] == \
+        "no published value"
+    assert (out / "comparison.md").read_text().count("\n") == 2 + len(compared)
 
 
 def test_dry_run_and_bad_levels_generate_nothing(tmp_path, capsys):
@@ -336,6 +417,22 @@ def test_dry_run_and_bad_levels_generate_nothing(tmp_path, capsys):
     assert main([str(grid), "--levels", "published"]) == 2
     assert "give its path" in capsys.readouterr().err
     assert not (tmp_path / "out" / "images").exists()
+
+
+def test_a_compare_file_that_is_not_a_published_table_is_refused_before_any_image(tmp_path, capsys):
+    from psalign.reproduce import main
+
+    grid = minimal_grid(tmp_path)
+    ours = write_results(tmp_path / "ours.csv", [ResultRow("toy_attack", "base", "toy", "", "inpro", 0.1, 3)])
+    bad_score = write_csv(tmp_path / "bad.csv", PUBLISHED_COLUMNS, [["toy_attack", "base", "toy", "none", "asr", "x"]])
+    for path, message in [(ours, f"{ours}:1: --compare: not a table in the published layout"),
+                          (bad_score, f"{bad_score}:2: score: not a number"),
+                          (tmp_path / "missing.csv", f"{tmp_path / 'missing.csv'}: --compare: file not found")]:
+        for mode in (["--device", "cpu"], ["--tables_only"], ["--dry_run"]):
+            assert main([str(grid), *mode, "--compare", str(path)]) == 2, (path, mode)
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, (path, mode)
+    assert not (tmp_path / "out").exists()  # nothing drawn, nothing written
 
 
 def test_evaluation_inputs_are_checked_before_any_image(tmp_path, capsys):

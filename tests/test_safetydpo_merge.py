@@ -270,3 +270,26 @@ def test_merge_report_states_the_truncation_error_and_the_default_rank_keeps_it_
     assert small["max_relative_error"] == pytest.approx(max(small["relative_error"].values()))
     assert small["max_relative_error"] > MAX_TRUNCATION_ERROR
     assert "warning: the rank-1 LoRA loses more than 0.05" in capsys.readouterr().err
+
+
+def test_merge_report_is_written_with_fuse_too(tiny_sd15_path, tmp_path, capsys):
+    from psalign.safetydpo import merge_experts as cli
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_path, safety_checker=None)
+    experts = _tiny_experts(pipe, tmp_path)
+    assert cli.main(["--experts", *map(str, experts), "--categories", "Hate", "Violence", "--pretrained_model",
+                     str(tiny_sd15_path), "--method", "average", "--fuse", "--device", "cpu",
+                     "--output", str(tmp_path / "fused")]) == 0
+    report = json.loads((tmp_path / "fused" / "merge_report.json").read_text())
+    assert report["fused"] is True and report["rank"] is None and report["method"] == "average"
+    assert report["experts"] == [str(e) for e in experts] and report["categories"] == ["Hate", "Violence"]
+    assert report["mean_relative_error"] == report["max_relative_error"] == 0.0  # nothing truncated
+    assert report["within_max_truncation_error"] and report["max_truncation_error"] == MAX_TRUNCATION_ERROR
+    assert "SVD relative error" not in capsys.readouterr().out
+    # beside the report, the pipeline with the average of the experts added to its UNet
+    fused = UNet2DConditionModel.from_pretrained(tmp_path / "fused", subfolder="unet").state_dict()
+    base = pipe.unet.state_dict()
+    deltas = [read_lora_deltas(e) for e in experts]
+    for name in deltas[0]:
+        expected = base[f"{name}.weight"] + sum(d[name] for d in deltas) / len(deltas)
+        torch.testing.assert_close(fused[f"{name}.weight"], expected, rtol=1e-5, atol=1e-6)

@@ -46,6 +46,42 @@ def load_pipeline(model: str | Path, device: str = "cpu", dtype: torch.dtype = t
     return pipe.to(device)
 
 
+#: The base models the published tables name, by pipeline class and the UNet's text width
+#: (``cross_attention_dim``). SD1.4 and SD1.5 share an architecture, so an SD1.x pipeline reads as
+#: ``sd15``; SD2.x (1024) and any other pipeline are not named.
+BASE_MODEL_NAMES = {
+    ("StableDiffusionPipeline", 768): "sd15",
+    ("StableDiffusionXLPipeline", 2048): "sdxl",
+}
+
+
+def pipeline_signature(pipe) -> dict:
+    """What a generation log records of a loaded pipeline: its class and its UNet's
+    ``cross_attention_dim`` (together they tell the base model apart, :func:`base_model_name`)."""
+    return {"pipeline": type(pipe).__name__, "cross_attention_dim": pipe.unet.config.cross_attention_dim}
+
+
+def base_model_name(pipeline: object, cross_attention_dim: object) -> str | None:
+    """``sd15`` or ``sdxl`` for a pipeline class and UNet text width of :data:`BASE_MODEL_NAMES`,
+    else None."""
+    if not isinstance(pipeline, str) or isinstance(cross_attention_dim, bool) or \
+            not isinstance(cross_attention_dim, int):
+        return None
+    return BASE_MODEL_NAMES.get((pipeline, cross_attention_dim))
+
+
+def folder_signature(model: str | Path) -> dict | None:
+    """:func:`pipeline_signature` read off a local pipeline folder's ``model_index.json`` and
+    ``unet/config.json`` without loading it; None for a hub id, a missing folder or unreadable configs."""
+    root = Path(model)
+    try:
+        index = _read_config(root / "model_index.json")
+        unet = _read_config(root / "unet" / "config.json")
+    except (OSError, InputError):
+        return None
+    return {"pipeline": index.get("_class_name"), "cross_attention_dim": unet.get("cross_attention_dim")}
+
+
 #: Stock Stable Diffusion pipelines refuse image sides that are not multiples of 8.
 PIPELINE_SIZE_MULTIPLE = 8
 #: Largest image side ``infer.py`` accepts, in pixels.

@@ -57,6 +57,8 @@ class InferenceConfig:
     prompt_mode: str = "both"
     unet_weights: Path | None = None
     sld_preset: str = "medium"
+    #: SLD's safety concept text (None: diffusers' default).
+    sld_concept: str | None = None
     sdxl: bool = False
     embeds_folder: Path | None = None
     #: Whether embeddings computed from profiles are written to ``embeds_folder``.
@@ -394,10 +396,11 @@ def run_inference(config: InferenceConfig) -> list[str]:
     dtype = getattr(torch, config.dtype) if config.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     mine = shard(records, state.process_index, state.num_processes)
 
-    from .pipeline import load_pipeline
+    from .pipeline import load_pipeline, pipeline_signature
 
     print(f"loading {config.sd_model} ({method.name}, {device})", file=sys.stderr)
     pipe = load_pipeline(config.sd_model, device=device, dtype=dtype, sdxl=config.sdxl or None)
+    run_info.update(pipeline_signature(pipe))  # the base model, for evaluation's labels (before a method wraps it)
     pipe = method.prepare(pipe, mine, device)
     _warn_micro_conditioning(pipe, method, config.settings)
     pipe.set_progress_bar_config(disable=True)

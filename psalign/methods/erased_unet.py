@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -10,6 +11,28 @@ from safetensors.torch import load_file
 from psalign.io import InputProblem
 
 from .base import Method, register_method
+
+
+#: The results name of each erasure method a weights file's name can reveal (the published tables'
+#: ``esdu`` and ``uce``), and the pattern that reveals it: a word of the name, apart from letters and digits.
+ERASURE_NAMES = {
+    "esdu": re.compile(r"(?<![a-z0-9])esd[-_ ]?u(?![a-z0-9])"),
+    "uce": re.compile(r"(?<![a-z0-9])uce(?![a-z0-9])"),
+}
+
+
+def erasure_name(weights: str | Path | None) -> str | None:
+    """``esdu`` (ESD-u) or ``uce`` when the weights file's name, else its folder's name, names
+    exactly one of them (``...-esdu.safetensors``, ``nsfw_uce_sd.safetensors``,
+    ``uce/unet.safetensors``); None otherwise."""
+    if not weights:
+        return None
+    path = Path(str(weights))
+    for name in (path.stem, path.parent.name):
+        found = [key for key, pattern in ERASURE_NAMES.items() if pattern.search(name.lower())]
+        if found:
+            return found[0] if len(found) == 1 else None
+    return None
 
 
 def load_unet_weights(unet: torch.nn.Module, path: str | Path) -> int:

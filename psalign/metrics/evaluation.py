@@ -203,19 +203,49 @@ def _baseline_label(config: EvaluationConfig) -> FolderLabel:
     return config.baseline_label or FolderLabel(Path(config.baseline_folder).name)
 
 
+def _logged_method(entry: dict) -> str:
+    """The results name of the method that drew a logged image: its method, except that an
+    ``erased_unet`` whose weights' name says ESD-u or UCE is ``esdu`` or ``uce``."""
+    from psalign.methods.erased_unet import erasure_name
+
+    method = str(entry.get("method", "base"))
+    if method == "erased_unet":
+        return erasure_name(entry.get("unet_weights")) or method
+    return method
+
+
+def _logged_model(entry: dict, folders: dict[str, dict | None]) -> str:
+    """The results name of the base model of a logged image: ``sd15`` / ``sdxl`` when the pipeline
+    class and UNet text width it was logged with (or, for a log without them, the configs of its
+    model folder if still there; read once per folder into ``folders``) say so, else the model
+    folder's (or hub id's) last name."""
+    from psalign.inference.pipeline import base_model_name, folder_signature
+
+    model = str(entry.get("model", ""))
+    if "pipeline" in entry:
+        signature = entry
+    else:
+        if model not in folders:
+            folders[model] = folder_signature(model) if model else None
+        signature = folders[model] or {}
+    return base_model_name(signature.get("pipeline"), signature.get("cross_attention_dim")) or Path(model).name
+
+
 def label_from_generation_log(folder: Path) -> FolderLabel | None:
     """The label that ``infer.py``'s ``generation_log.jsonl`` of ``folder`` (its own, or its parent's
-    entries under it) implies: its method, its
-    model's folder name, and the safety level when every image is for one reference user, or, when
-    the prompts lines name their ``level``, that level and its user (``level_3@0000002``)."""
+    entries under it) implies: its method (``esdu`` / ``uce`` for an erased UNet whose weights'
+    name says which), its base model (``sd15`` / ``sdxl`` when the logged pipeline says so, else
+    the model folder's name), and the safety level when every image is for one reference user,
+    or, when the prompts lines name their ``level``, that level and its user (``level_3@0000002``)."""
     from psalign.inference.generate import logged_entries
     from psalign.levels import LEVEL_BANS, reference_user
 
     entries = logged_entries(folder)
     if not entries:
         return None
-    methods = {e.get("method", "base") for e in entries}
-    models = {Path(str(e.get("model", ""))).name for e in entries}
+    methods = {_logged_method(e) for e in entries}
+    folders: dict[str, dict | None] = {}
+    models = {_logged_model(e, folders) for e in entries}
     users = {e.get("user") for e in entries}
     level = users.pop() if len(users) == 1 and str(next(iter(users))).startswith("level_") else ""
     levels = {(e.get("level"), e.get("user")) for e in entries}
