@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from psalign.sage.writer import (
     pair_problem,
     read_writer_template,
 )
-from tests.metrics_support import FakeChatServer, request_text
+from tests.metrics_support import FakeChatServer, request_images, request_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -457,3 +458,356 @@ def test_the_images_stage_draws_unit_pairs_from_one_seed_with_an_sdxl_pipeline(t
     assert len(seeds) == 28
     assert all(seeds[name] == seeds[name.replace("_u.jpg", "_s.jpg")] for name in seeds if name.endswith("_u.jpg"))
     assert len(set(seeds.values())) == 14
+
+
+# --------------------------------------------------------------------------------------------
+# Concepts: near-duplicates across categories, proposals cached
+
+
+def test_near_duplicates_across_categories_are_reported_and_printed(tmp_path, capsys):
+    kept, report = dedupe_concepts({"Violence": ["street riot", "knife fight"], "Shocking": ["street riots"],
+                                    "Hate": ["riot street", "gory wound"]}, near_ratio=0.9)
+    assert kept == {"Violence": ["street riot", "knife fight"], "Shocking": ["street riots"],
+                    "Hate": ["riot street", "gory wound"]}
+    near = {(tuple(n["categories"]), tuple(n["concepts"])) for n in report["near_duplicates"]}
+    assert near == {(("Violence", "Shocking"), ("street riot", "street riots")),  # ratio 0.96
+                    (("Violence", "Hate"), ("street riot", "riot street"))}  # the same words
+    # the build prints them and records them in the concepts stage's done.json
+    path = _real_config(tmp_path, tmp_path, None)
+    (tmp_path / "concepts.yaml").write_text("Violence: [street riot]\nShocking: [street riots, gory wound]\n",
+                                            encoding="utf-8")
+    record = build(load_config(path), until="concepts")["concepts"]
+    assert record["near_duplicates"] == [{"categories": ["Violence", "Shocking"],
+                                          "concepts": ["street riot", "street riots"], "ratio": 0.957}]
+    assert "Violence: street riot ~ Shocking: street riots (ratio 0.957)" in capsys.readouterr().err
+
+
+def test_concept_proposals_are_not_asked_again_after_an_interruption(tmp_path, monkeypatch):
+    def respond(body):
+        category = request_text(body).split("Safety category: ")[1].split("\n")[0]
+        reply = {"concepts": [f"{category} scene one", f"{category} scene two"]}
+        return 200, {"choices": [{"message": {"content": json.dumps(reply)}}]}
+
+    with FakeChatServer(respond) as server:
+        config = load_config(_real_config(tmp_path, tmp_path, server.base_url, propose_concepts=2))
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(sage_build, "dedupe_concepts", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build(config, until="concepts")
+        assert len(server.requests) == 3 and not (stage_dir(config, "concepts") / "done.json").exists()
+        monkeypatch.setattr(sage_build, "dedupe_concepts", dedupe_concepts)
+        record = build(config, until="concepts")["concepts"]
+        assert len(server.requests) == 3  # every proposal came from the writer cache
+    assert record["proposed"] == 6
+    assert read_concepts(stage_dir(config, "concepts") / "concepts.yaml")["Hate"] == [
+        "hate symbol", "Hate scene one", "Hate scene two"]
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+
+
+def test_a_flag_beats_the_yaml_key_and_yaml_paths_resolve_from_the_yaml_folder(tmp_path, monkeypatch):
+    from psalign.sage.__main__ import parser
+
+    path = _real_config(tmp_path, tmp_path, "http://127.0.0.1:9/v1")
+    monkeypatch.chdir(REPO)
+    args = vars(parser().parse_args(["build", "--config", str(path), "--prompts_per_concept", "7",
+                                     "--filter_classifiers", "q16,nudenet"]))
+    flags = {k: v for k, v in args.items() if k not in ("command", "config", "until")}
+    config = load_config(args["config"], flags)
+    assert config.prompts_per_concept == 7 and config.filter_classifiers == ["q16", "nudenet"]
+    assert load_config(path).prompts_per_concept == 2  # the YAML's value without the flag
+    assert config.concepts == tmp_path / "concepts.yaml"  # not the working directory's
+
+
+def test_the_shipped_build_config_loads_and_validates():
+    from psalign.categories import CATEGORIES
+
+    config = load_config(REPO / "configs" / "sage_build.yaml")
+    assert config.problems() == []
+    assert config.concepts == REPO / "configs" / "sage_concepts.yaml"
+    concepts = read_concepts(config.concepts)
+    assert set(concepts) == set(CATEGORIES) and all(concepts.values())
+    assert config.writer == "openai" and config.writer_base_url and config.writer_model
+    assert 0 < config.val_share + config.test_share < 1 and config.heldout_users < config.generate_users
+
+
+# --------------------------------------------------------------------------------------------
+# Local causal LM: the writer and the labeller, their model's decoding scripted
+
+
+def _scripted_generate(tokenizer, reply, seen: list, batches: list):
+    """Stands in for ``model.generate``: records each row's prompt as text (special tokens kept)
+    and the batch size, and appends the tokens of ``reply(prompt)`` and the end token."""
+    import torch
+
+    def generate(input_ids, attention_mask, **kwargs):
+        assert kwargs["do_sample"] is False and kwargs["num_beams"] == 1  # greedy decoding
+        batches.append(len(input_ids))
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            prompt = tokenizer.decode(ids[mask.bool()], clean_up_tokenization_spaces=False)
+            seen.append(prompt)
+            rows.append(tokenizer(reply(prompt), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        width = max(map(len, rows))
+        new = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+    return generate
+
+
+def _script_local_lm(monkeypatch, module: str, reply) -> tuple[list, list]:
+    """Make ``module``'s ``load_causal_lm`` load the model, its ``generate`` scripted by ``reply``."""
+    import importlib
+
+    target = importlib.import_module(module)
+    original = target.load_causal_lm
+    seen, batches = [], []
+
+    def load(*args, **kwargs):
+        model, tokenizer = original(*args, **kwargs)
+        model.generate = _scripted_generate(tokenizer, reply, seen, batches)
+        return model, tokenizer
+
+    monkeypatch.setattr(target, "load_causal_lm", load)
+    return seen, batches
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_lm(tmp_path_factory) -> Path:
+    from psalign.testing import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("chat_lm") / "lm", chat_template=True)
+
+
+def test_a_local_writer_build_applies_the_chat_template_and_keeps_valid_json(tmp_path, tiny_chat_lm, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from psalign.sage.writer import DEFAULT_PROMPT_TEMPLATE, WRITER_SYSTEM_PROMPT
+
+    def reply(prompt: str) -> str:
+        concept = prompt.split("Concept: ")[1].split("\n")[0]
+        return json.dumps({"pairs": _pairs(concept, 2)})
+
+    seen, batches = _script_local_lm(monkeypatch, "psalign.embeddings", reply)
+    config = load_config(_real_config(tmp_path, tmp_path, None, writer="local", writer_model=str(tiny_chat_lm),
+                                      writer_batch_size=2))
+    record = build(config, until="prompts")["prompts"]
+    assert record["writer"] == f"causal-lm:{tiny_chat_lm}"
+    assert record["pairs"] == 6 and record["rejected"] == 0 and record["llm_requests"] == 3
+    lines = [json.loads(x) for x in (stage_dir(config, "prompts") / "prompts.jsonl").read_text().splitlines()]
+    assert {x["concept"]: x["pairs"] for x in lines} == {c: _pairs(c, 2) for c in ("knife fight", "gory wound",
+                                                                                  "hate symbol")}
+    assert batches == [2, 1]  # writer_batch_size concepts answered together
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_lm)
+    template = read_writer_template(DEFAULT_PROMPT_TEMPLATE, PROMPT_TEMPLATE_FIELDS)
+    expected = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{WRITER_SYSTEM_PROMPT}\n\n{template.format(category=c, concept=k, count=2)}"}],
+        tokenize=False, add_generation_prompt=True) for c, k in (("Violence", "knife fight"), ("Hate", "hate symbol"),
+                                                                  ("Shocking", "gory wound"))]
+    assert sorted(seen) == sorted(expected) and all(p.startswith("<|user|>") for p in seen)
+    # redone after its progress is lost, the stage answers from the writer cache: the model is not asked again
+    (stage_dir(config, "prompts") / "progress.jsonl").unlink()
+    (stage_dir(config, "prompts") / "done.json").unlink()
+    assert build(config, until="prompts")["prompts"]["pairs"] == 6 and len(seen) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Filter and pairs stages on stand-in images (the earlier stages recorded as done)
+
+
+class _RedFlagger:
+    """Flags red images (the stand-in unsafe images); counts the images it is shown."""
+
+    name = "toy"
+
+    def __init__(self):
+        self.shown = 0
+
+    def __call__(self, images):
+        self.shown += len(images)
+        return np.array([r > b for r, _, b in (image.convert("RGB").getpixel((4, 4)) for image in images)], dtype=bool)
+
+
+def _drawn(config, pairs_per_concept: int, unflagged: tuple[str, ...] = ()) -> list:
+    """Run the concepts stage, then stand in for the prompts and images stages: ``pairs_per_concept``
+    pairs per concept (:func:`_pairs`), a red unsafe and a blue safe image per unit (the unsafe
+    image of the concepts in ``unflagged`` blue too), both stages recorded done. Returns the units."""
+    from PIL import Image
+
+    from psalign.sage.writer import ConceptPrompts
+
+    started = time.perf_counter()
+    build(config, until="concepts")
+    lines = [ConceptPrompts(c, k, [PromptPair(**p) for p in _pairs(k, pairs_per_concept)]).to_json()
+             for c, names in sage_build.read_built_concepts(config).items() for k in names]
+    sage_build._write_jsonl(stage_dir(config, "prompts") / "prompts.jsonl", lines)
+    sage_build._finish(config, "prompts", started, {})
+    units = sage_build.image_units(config)
+    for unit in units:
+        for variant in "us":
+            red = variant == "u" and unit.concept not in unflagged
+            path = stage_dir(config, "images") / unit.image(variant)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (220, 20, 20) if red else (20, 20, 220)).save(path)
+    sage_build._finish(config, "images", started, {})
+    return units
+
+
+def _split_records(config, users=None) -> dict[str, list[dict]]:
+    from psalign.sage import read_preference_pairs
+
+    found = {}
+    for split in sage_build.SPLITS:
+        metadata = Path(config.out) / "sage" / split / "metadata.jsonl"
+        if metadata.is_file():
+            found[split] = read_preference_pairs(metadata, metadata.parent, users=users)
+    return found
+
+
+def _unit_of(record: dict) -> tuple[str, str, int]:
+    from psalign.sage import parse_sage_record_name
+
+    name = parse_sage_record_name(record["file_name"])
+    return name.category, name.concept, name.index
+
+
+def test_the_filter_does_not_judge_again_what_it_judged_before_an_interruption(tmp_path, monkeypatch):
+    config = load_config(_real_config(tmp_path, tmp_path, None))
+    units = _drawn(config, pairs_per_concept=2)
+    flagger = _RedFlagger()
+    monkeypatch.setattr(sage_build, "image_flaggers", lambda c: [flagger])
+    monkeypatch.setattr(sage_build, "FILTER_CHUNK", 4)
+    original, calls = sage_build.append_json_lines, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sage_build, "append_json_lines", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(config, until="filter")
+    saved = len((stage_dir(config, "filter") / "flags.jsonl").read_text().splitlines())
+    assert saved == 4 and flagger.shown == 8  # the second chunk was judged, then lost
+    monkeypatch.setattr(sage_build, "append_json_lines", original)
+    flagger.shown = 0
+    record = build(config, until="filter")["filter"]
+    assert flagger.shown == 2 * len(units) - saved
+    assert record["units"] == len(units) == 6 and record["kept"] == 6
+
+
+def test_the_judge_filter_asks_the_endpoint_once_per_image_for_a_user_banning_the_category(tmp_path, monkeypatch):
+    from psalign.sage.build import kept_units
+
+    def respond(body):
+        text = request_text(body)
+        caption = text.split("Generation prompt: ")[1].split("\n")[0]
+        # unsafe prompts fail, and so does each concept's second safe prompt, whose unit the filter must drop
+        fail = "parade" not in caption or caption.startswith("scene 1 showing a parade")
+        return 200, {"choices": [{"message": {"content": json.dumps(
+            {"verdict": "FAIL" if fail else "PASS", "reason": "stand-in"})}}]}
+
+    with FakeChatServer(respond) as server:
+        config = load_config(_real_config(tmp_path, tmp_path, None, filter_classifiers=["judge"],
+                                          judge_base_url=server.base_url, judge_model="fake-judge"))
+        units = _drawn(config, pairs_per_concept=2)
+        record = build(config, until="filter")["filter"]
+        assert len(server.requests) == 2 * len(units) == 12
+        asked = Counter()
+        for request in server.requests:
+            text = request_text(request["body"])
+            banned = text.split("Banned categories (must not be visible): ")[1].split("\n")[0]
+            asked[(banned, text.split("Generation prompt: ")[1].split("\n")[0])] += 1
+            assert len(request_images(request["body"])) == 1 and request["body"]["model"] == "fake-judge"
+        # each image once, for a user who bans its unit's category
+        assert asked == Counter((u.category, p) for u in units for p in (u.unsafe, u.safe))
+        build(config, until="filter")
+        assert len(server.requests) == 12  # finished: nothing asked again
+    assert record["kept"] == 3 and set(record["kept_share_by_concept"].values()) == {0.5}
+    assert all(u["index"] == 0 and set(u["unsafe_flags"]) == {"judge"} for u in kept_units(config))
+
+
+def test_val_split_units_per_concept_a_users_csv_and_a_concept_with_no_kept_unit(tmp_path, monkeypatch):
+    from psalign.users import generate_users, read_users, write_users
+
+    given = [u.with_banned(["Violence"] if i % 2 else ["Shocking", "Hate"])
+             for i, u in enumerate(generate_users(5, seed=3))]
+    write_users(tmp_path / "users.csv", given)
+    config = load_config(_real_config(tmp_path, tmp_path, None, users="users.csv", heldout_users=1,
+                                      val_share=0.2, test_share=0.2, units_per_concept=2))
+    assert config.users == tmp_path / "users.csv"
+    _drawn(config, pairs_per_concept=5, unflagged=("hate symbol",))
+    monkeypatch.setattr(sage_build, "image_flaggers", lambda c: [_RedFlagger()])
+    record = build(config)["pairs"]
+    assert record["concepts_without_training_units"] == ["Hate: hate symbol"]
+    assert record["units_by_split"] == {"train": 6, "val": 2, "test": 2}  # of 5 units per concept: 3, 1, 1
+    users = read_users(Path(config.out) / "sage" / "users.csv")
+    assert users == given  # the users.csv, not generated users
+    splits = _split_records(config, users)
+    assert set(splits) == {"train", "val", "test_seen", "test_unseen"}
+    units = {s: {_unit_of(r) for r in records} for s, records in splits.items()}
+    assert units["val"] and not units["val"] & units["train"] and not units["val"] & units["test_seen"]
+    assert not units["train"] & units["test_seen"] and units["test_unseen"] == units["test_seen"]
+    assert {u[:2] for u in units["val"]} == {("Violence", "knife fight"), ("Shocking", "gory wound")}
+    # two different units per training user and concept (the concept's 3 training units drawn from)
+    per_user: dict[tuple[str, str], set] = {}
+    for r in splits["train"]:
+        per_user.setdefault((r["user_data"]["User_ID"], _unit_of(r)[1]), set()).add(_unit_of(r)[2])
+    assert len(per_user) == 4 * 2 and all(len(v) == 2 for v in per_user.values())
+    assert len(splits["train"]) == 4 * 2 * 2 * 2
+    assert {r["user_data"]["User_ID"] for r in splits["test_unseen"]} == {given[-1].user_id}
+    banned = {u.user_id: u.banned_categories for u in given}
+    for r in splits["train"] + splits["val"]:  # the Sage rule, with the users.csv's bans
+        category, _, _ = _unit_of(r)
+        if r["file_name"].endswith(".jpg_u.jpg"):
+            assert r["chosen"].endswith("_s.jpg") is (category in banned[r["user_data"]["User_ID"]])
+
+
+def test_held_out_concepts_only_reach_the_test_splits(tmp_path, monkeypatch):
+    config = load_config(_real_config(tmp_path, tmp_path, None, heldout_concepts=["gory wound"], test_share=0.0))
+    _drawn(config, pairs_per_concept=3)
+    monkeypatch.setattr(sage_build, "image_flaggers", lambda c: [_RedFlagger()])
+    record = build(config)["pairs"]
+    assert record["units_by_split"] == {"train": 6, "val": 0, "test": 3}
+    assert record["concepts_without_training_units"] == []
+    concepts = {s: {_unit_of(r)[1] for r in records} for s, records in _split_records(config).items()}
+    assert concepts == {"train": {"knife fight", "hate symbol"}, "test_seen": {"gory wound"},
+                        "test_unseen": {"gory wound"}}
+    (tmp_path / "wrong").mkdir()
+    wrong = load_config(_real_config(tmp_path / "wrong", tmp_path, None, heldout_concepts=["gory wounds"]))
+    _drawn(wrong, pairs_per_concept=1)
+    with pytest.raises(InputError, match="heldout_concepts: 'gory wounds' is not a concept of the build"):
+        build(wrong)
+
+
+def test_the_llm_labeller_bans_generated_users_categories(tmp_path, tiny_chat_lm, monkeypatch):
+    from psalign.users import generate_users, read_users
+
+    def bans(prompt: str) -> list[str]:
+        age = int(prompt.split("- age: ")[1].split(" ")[0])
+        return ["Violence"] if age % 2 else ["Hate", "Shocking"]
+
+    seen, _ = _script_local_lm(monkeypatch, "psalign.labeller", lambda prompt: json.dumps(bans(prompt)))
+    config = load_config(_real_config(tmp_path, tmp_path, None, labeller="llm", labeller_model=str(tiny_chat_lm),
+                                      generate_users=5, heldout_users=1))
+    _drawn(config, pairs_per_concept=2)
+    monkeypatch.setattr(sage_build, "image_flaggers", lambda c: [_RedFlagger()])
+    record = build(config)["pairs"]
+    assert len(seen) == 5 and all(p.startswith("<|user|>") and p.endswith("<|assistant|>\n") for p in seen)
+    users = read_users(Path(config.out) / "sage" / "users.csv")
+    profiles = generate_users(5, seed=config.seed)
+    assert [u.user_id for u in users] == [p.user_id for p in profiles]
+    for user, profile in zip(users, profiles):
+        expected = ["Violence"] if profile.age % 2 else ["Hate", "Shocking"]
+        assert list(user.banned_categories) == expected != list(profile.banned_categories)
+    assert record["settings"]["labeller"] == "llm"
+    banned = {u.user_id: u.banned_categories for u in users}
+    for r in _split_records(config, users)["train"]:
+        if r["file_name"].endswith(".jpg_u.jpg"):
+            assert r["chosen"].endswith("_s.jpg") is (_unit_of(r)[0] in banned[r["user_data"]["User_ID"]])

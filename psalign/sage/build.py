@@ -6,7 +6,8 @@ refuses one whose recorded settings differ from the config's) and resumes an unf
 
 1. ``concepts``: ``concepts.yaml`` (category -> concepts) from the config's YAML (the toy world's
    seen concepts with ``world: toy``) plus, optionally, concepts the writer LLM proposes;
-   duplicates are dropped and near-duplicates reported.
+   duplicates are dropped and near-duplicates (within a category or across two) reported on
+   stderr and in the record.
 2. ``prompts``: ``prompts.jsonl``, k (unsafe prompt, minimal safe rewrite) pairs per concept from
    the writer (:mod:`psalign.sage.writer`); rejected pairs are retried, then counted.
    Finished concepts are appended to ``progress.jsonl`` and replies cached, so nothing is asked twice.
@@ -43,7 +44,7 @@ import yaml
 from psalign.categories import CATEGORIES, category_token
 from psalign.io import InputError, InputProblem, append_json_lines, atomic_write, read_json_lines
 
-from .concepts import concept_problem, dedupe_concepts, read_concepts
+from .concepts import concept_problem, dedupe_concepts, near_duplicates_text, read_concepts
 from .config import SageBuildConfig
 from .pairs import SageUnit, build_preference_pairs, sage_image_name, write_preference_pairs
 from .writer import (
@@ -212,6 +213,10 @@ def run_concepts(config: SageBuildConfig) -> dict:
                     invalid.append({"category": category, "concept": concept})
     kept, report = dedupe_concepts(concepts, config.near_duplicate_ratio)
     kept = {c: names for c, names in kept.items() if names}
+    if report["near_duplicates"]:
+        print(f"{len(report['near_duplicates'])} pair(s) of near-duplicate concepts, all kept (look at them; also in "
+              f"{stage_dir(config, 'concepts') / DONE_FILE}):\n" + near_duplicates_text(report["near_duplicates"]),
+              file=sys.stderr)
     if not kept:
         raise InputError([InputProblem(str(config.concepts or "config"), 0, "no concepts")])
     with atomic_write(stage_dir(config, "concepts") / "concepts.yaml", encoding="utf-8") as handle:
@@ -472,9 +477,17 @@ def build_users(config: SageBuildConfig):
     return users
 
 
-def split_units(config: SageBuildConfig, kept: list[dict]) -> tuple[dict[str, dict[tuple[str, str], list[dict]]], list]:
+Pools = dict[str, dict[tuple[str, str], list[dict]]]
+
+
+def split_units(config: SageBuildConfig, kept: list[dict],
+                concepts: dict[str, list[str]] | None = None) -> tuple[Pools, list[tuple[str, str]]]:
     """Kept units by split (``train``, ``val``, ``test``) and concept; held-out concepts go to ``test``
-    whole; each other concept's units are shuffled (seeded) and cut by ``test_share`` and ``val_share``."""
+    whole; each other concept's units are shuffled (seeded) and cut by ``test_share`` and ``val_share``.
+
+    Also returns the (category, concept) keys that are not held out yet have no training unit:
+    those of ``kept`` whose units all went to other splits and, when ``concepts`` (the build's
+    concepts) is given, those with no kept unit at all."""
     by_concept: dict[tuple[str, str], list[dict]] = {}
     for unit in kept:
         by_concept.setdefault((unit["category"], unit["concept"]), []).append(unit)
@@ -491,7 +504,9 @@ def split_units(config: SageBuildConfig, kept: list[dict]) -> tuple[dict[str, di
                             ("train", order[n_test + n_val :])):
             if part:
                 pools[split][key] = sorted(part, key=lambda u: u["index"])
-    return pools, [key for key in by_concept if key[1] not in config.heldout_concepts and key not in pools["train"]]
+    keys = list(by_concept) + [(c, k) for c, names in (concepts or {}).items() for k in names]
+    return pools, [key for key in dict.fromkeys(keys) if key[1] not in config.heldout_concepts
+                   and key not in pools["train"]]
 
 
 def assign(users, pool: dict[tuple[str, str], list[dict]], per_concept: int | None, rng: np.random.Generator,
@@ -576,7 +591,7 @@ def run_pairs(config: SageBuildConfig) -> dict:
     train_users = users[: len(users) - config.heldout_users]
     heldout = users[len(users) - config.heldout_users :]
     kept = kept_units(config)
-    pools, no_units = split_units(config, kept)
+    pools, no_units = split_units(config, kept, concepts)
     if no_units or not pools["train"]:
         print(f"no kept unit for training in {len(no_units)} concept(s): {no_units}", file=sys.stderr)
     out = Path(config.out)

@@ -67,14 +67,27 @@ def read_concepts(path: str | Path) -> dict[str, list[str]]:
     return {c: found[c] for c in CATEGORIES if c in found}
 
 
+def near_duplicate_ratio(first: str, second: str, near_ratio: float) -> float | None:
+    """The difflib ratio of two concepts (case ignored) when they are near-duplicates: the ratio
+    reaches ``near_ratio`` or their word sets are equal; None otherwise."""
+    a, b = first.lower(), second.lower()
+    same_words = sorted(a.split()) == sorted(b.split())
+    matcher = difflib.SequenceMatcher(None, a, b)
+    if not same_words and (matcher.real_quick_ratio() < near_ratio or matcher.quick_ratio() < near_ratio):
+        return None  # both are upper bounds of ratio(), which is the slow one
+    ratio = matcher.ratio()
+    return round(ratio, 3) if same_words or ratio >= near_ratio else None
+
+
 def dedupe_concepts(concepts: dict[str, list[str]], near_ratio: float) -> tuple[dict[str, list[str]], dict]:
     """``concepts`` without exact duplicates (case and spacing ignored, across categories: the
     first one stays), and a report: ``duplicates`` (dropped) and ``near_duplicates`` (kept, for a
-    person to look at): pairs within a category whose difflib ratio is at least ``near_ratio``
-    or whose word sets are equal."""
+    person to look at): pairs of kept concepts, within a category or across two, that
+    :func:`near_duplicate_ratio` finds. Each near-duplicate names its ``concepts`` and their
+    ``categories`` (the same one twice within a category)."""
     seen: dict[str, str] = {}
     kept: dict[str, list[str]] = {}
-    duplicates, near = [], []
+    duplicates = []
     for category, items in concepts.items():
         kept[category] = []
         for concept in items:
@@ -84,9 +97,19 @@ def dedupe_concepts(concepts: dict[str, list[str]], near_ratio: float) -> tuple[
                 continue
             seen[key] = f"{category}: {concept}"
             kept[category].append(concept)
-        for i, first in enumerate(kept[category]):
-            for second in kept[category][i + 1 :]:
-                ratio = difflib.SequenceMatcher(None, first.lower(), second.lower()).ratio()
-                if ratio >= near_ratio or sorted(first.lower().split()) == sorted(second.lower().split()):
-                    near.append({"category": category, "concepts": [first, second], "ratio": round(ratio, 3)})
+    flat = [(category, concept) for category, items in kept.items() for concept in items]
+    near = []
+    for i, (first_category, first) in enumerate(flat):
+        for second_category, second in flat[i + 1 :]:
+            ratio = near_duplicate_ratio(first, second, near_ratio)
+            if ratio is not None:
+                near.append({"categories": [first_category, second_category], "concepts": [first, second],
+                             "ratio": ratio})
     return kept, {"duplicates": duplicates, "near_duplicates": near}
+
+
+def near_duplicates_text(near: list[dict]) -> str:
+    """One line per near-duplicate of a :func:`dedupe_concepts` report, e.g.
+    ``Violence: knife fight ~ Shocking: knife fights (ratio 0.96)``."""
+    return "\n".join(f"{n['categories'][0]}: {n['concepts'][0]} ~ {n['categories'][1]}: {n['concepts'][1]} "
+                     f"(ratio {n['ratio']})" for n in near)

@@ -36,7 +36,7 @@ class SageBuildConfig:
     #: Concepts per category the writer LLM proposes (added to the YAML's; 0: none).
     propose_concepts: int = 0
     concept_template: Path | None = None
-    #: Two concepts of a category whose text similarity (difflib ratio) reaches this are reported.
+    #: Two concepts (of one category or of two) whose text similarity (difflib ratio) reaches this are reported.
     near_duplicate_ratio: float = 0.85
     # -- prompts
     #: ``openai`` (an OpenAI-compatible endpoint), ``local`` (a Hugging Face causal LM) or ``toy_template``.
