@@ -10,8 +10,11 @@ skipped when its adapter exists, resumed when it has checkpoints):
 * ``dpo``: ``configs/toy.yaml`` as it is (Diffusion-DPO, beta 30, chosen-error weight 6; the control);
 * ``safe_anchor``: the same run with ``objective: safe_anchor``;
 * ``dpo_safe_anchor``: the same run with ``objective: dpo_safe_anchor`` and ``anchor_loss_weight`` 30;
-* ``dpo+safe_anchor`` / ``dpo+dpo_safe_anchor``: ``--finetune_steps`` more steps with that
-  objective (lr ``--finetune_lr``), starting from the ``dpo`` variant's adapter (or ``--dpo_adapter``).
+* ``dpo_chosen_target``: the same run with ``objective: dpo_chosen_target`` (``--chosen_target_weight``,
+  default 6, and ``--snr_gamma``, default 5);
+* ``dpo+safe_anchor`` / ``dpo+dpo_safe_anchor`` / ``dpo+dpo_chosen_target``: ``--finetune_steps`` more
+  steps with that objective (lr ``--finetune_lr``), starting from the ``dpo`` variant's adapter (or
+  ``--dpo_adapter``).
 
 ``--steps`` sets every from-scratch variant's ``max_train_steps`` (default: the config's);
 ``--anchor_latents both`` takes the anchor variants' anchor term at the rejected latents too.
@@ -33,7 +36,8 @@ from psalign.toy.bundle import bundled_paths
 from psalign.training.objectives import ANCHOR_LATENTS
 from psalign.toy.sage_data import TRAIN_METADATA
 
-VARIANTS = ("dpo", "safe_anchor", "dpo_safe_anchor", "dpo+safe_anchor", "dpo+dpo_safe_anchor")
+VARIANTS = ("dpo", "safe_anchor", "dpo_safe_anchor", "dpo_chosen_target", "dpo+safe_anchor", "dpo+dpo_safe_anchor",
+            "dpo+dpo_chosen_target")
 
 
 def _overrides(args: argparse.Namespace, variant: str, out: Path) -> dict:
@@ -50,8 +54,11 @@ def _overrides(args: argparse.Namespace, variant: str, out: Path) -> dict:
         values["max_train_steps"] = args.steps
     objective = variant.removeprefix("dpo+")
     if objective != "dpo":
-        values.update(objective=objective, anchor_loss_weight=args.anchor_loss_weight,
-                      anchor_latents=args.anchor_latents)
+        values["objective"] = objective
+    if "anchor" in objective:
+        values.update(anchor_loss_weight=args.anchor_loss_weight, anchor_latents=args.anchor_latents)
+    if objective == "dpo_chosen_target":
+        values.update(chosen_target_weight=args.chosen_target_weight, snr_gamma=args.snr_gamma)
     if variant.startswith("dpo+"):
         dpo = args.dpo_adapter or args.out / "dpo" / "run"
         values.update(init_adapter=str(dpo), max_train_steps=args.finetune_steps, learning_rate=args.finetune_lr)
@@ -78,7 +85,11 @@ def main(argv=None) -> None:
     parser.add_argument("--anchor_loss_weight", type=float, default=30.0, help="anchor weight of the dpo_safe_anchor variants")
     parser.add_argument("--anchor_latents", choices=ANCHOR_LATENTS, default="chosen",
                         help="where the anchor variants take the anchor term (default: %(default)s)")
-    parser.add_argument("--finetune_steps", type=int, default=2000, help="steps of the dpo+safe_anchor fine-tune")
+    parser.add_argument("--chosen_target_weight", type=float, default=6.0,
+                        help="chosen-target weight of the dpo_chosen_target variants (default: %(default)s)")
+    parser.add_argument("--snr_gamma", type=float, default=5.0,
+                        help="min-SNR cap of the dpo_chosen_target variants (default: %(default)s)")
+    parser.add_argument("--finetune_steps", type=int, default=2000, help="steps of the dpo+ fine-tunes")
     parser.add_argument("--finetune_lr", type=float, default=5e-4, help="learning rate of the fine-tune")
     parser.add_argument("--dpo_adapter", type=Path, default=None,
                         help="adapter the fine-tune starts from (default: the dpo variant's)")

@@ -4,7 +4,10 @@
   anchored on the chosen images' denoising error;
 * :func:`safe_anchor_loss`: regression onto the frozen base model's prediction for the caption
   that drew the chosen image (for a banned category: the safe rewrite);
-* :func:`dpo_safe_anchor_loss`: the two added.
+* :func:`dpo_safe_anchor_loss`: the two added;
+* :func:`chosen_target_loss`: at the *rejected* image's noisy latent, regression onto the prediction
+  that denoises it to the *chosen* image (:func:`clean_target_prediction`), min-SNR weighted;
+  :func:`dpo_chosen_target_loss` adds it to the Diffusion-DPO loss.
 
 Every output has ``loss`` (the scalar to backpropagate) and ``logged`` (detached scalars by name).
 """
@@ -162,11 +165,89 @@ def dpo_safe_anchor_loss(dpo: DPOLossOutput, anchor: LossOutput, anchor_weight: 
     Both terms see one noise and one timestep per pair (the anchor term at the chosen latent),
     uniform over the scheduler's training timesteps unless the run biases them.
     """
-    loss = dpo.loss + anchor_weight * anchor.loss
+    return _dpo_plus(dpo, anchor, anchor_weight)
+
+
+def _dpo_plus(dpo: DPOLossOutput, term: LossOutput, weight: float) -> LossOutput:
+    """``dpo.loss + weight * term.loss``, logging the DPO values (``loss`` as ``dpo_loss``), then
+    ``term``'s own values but its total, and the sum as ``loss``."""
+    loss = dpo.loss + weight * term.loss
     dpo_logged = dict(dpo.logged)
-    logged = {"loss": loss.detach(), "dpo_loss": dpo_logged.pop("loss"), **dpo_logged,
-              "anchor_mse": anchor.logged["anchor_mse"]}
+    term_logged = {name: value for name, value in term.logged.items() if name != "loss"}
+    logged = {"loss": loss.detach(), "dpo_loss": dpo_logged.pop("loss"), **dpo_logged, **term_logged}
     return LossOutput(loss, logged)
+
+
+def clean_target_prediction(
+    noisy: torch.Tensor, clean: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The UNet output that denoises ``noisy`` exactly onto ``clean`` at each row's noise level.
+
+    ``noisy``, ``clean``: (B, C, H, W); ``alphas_cumprod``: (B,), the scheduler's cumulative
+    alpha ``a`` at each row's timestep. With ``x_t = sqrt(a) x_0 + sqrt(1 - a) eps``, the epsilon
+    that gives ``x_0 = clean`` is ``(x_t - sqrt(a) clean) / sqrt(1 - a)``; the velocity is
+    ``sqrt(a) eps - sqrt(1 - a) clean``. When ``noisy`` was made from ``clean`` with noise ``eps``,
+    this is ``eps`` (or that noise's velocity), the ordinary regression target.
+    """
+    a = alphas_cumprod.float().reshape(-1, *([1] * (noisy.dim() - 1)))
+    epsilon = (noisy.float() - a.sqrt() * clean.float()) / (1 - a).sqrt()
+    if prediction_type == "epsilon":
+        return epsilon
+    if prediction_type == "v_prediction":
+        return a.sqrt() * epsilon - (1 - a).sqrt() * clean.float()
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-row loss weight (B,) that caps the signal-to-noise ratio ``snr = a / (1 - a)`` at ``gamma``
+    in the clean-image error (min-SNR-gamma weighting, Hang et al. 2023).
+
+    An epsilon error equals ``snr`` times the clean-image error, so a target far from the noisy
+    latent's own image would otherwise dominate at low noise: the weight is ``min(snr, gamma) / snr``
+    for epsilon and ``min(snr, gamma) / (snr + 1)`` for v-prediction.
+    """
+    a = alphas_cumprod.float()
+    snr = a / (1 - a)
+    capped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return capped / snr
+    if prediction_type == "v_prediction":
+        return capped / (snr + 1)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
+def chosen_target_loss(
+    model_pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None = None
+) -> LossOutput:
+    """Weighted squared error towards the chosen image from the rejected image's noisy latent.
+
+    ``model_pred``: (B, C, H, W), the adapted model's prediction at the rejected image's noisy
+    latent (the pair's own caption and user); ``target``: :func:`clean_target_prediction` of that
+    latent onto the pair's chosen image; ``weight``: (B,), e.g. :func:`min_snr_weight`; ``mask``:
+    (B,) bool, the rows that count (a null-user or text-dropped pair has no chosen image of its
+    own); ``None`` counts every row.
+    ``loss = sum_i m_i w_i mse_i / max(1, sum_i m_i)``, logged as ``chosen_target_mse`` too.
+
+    Diffusion-DPO only asks the rejected image to be denoised *worse* than the reference does, and
+    any other content (another category's marker, a blob) satisfies that. This term says where a
+    latent that already shows the rejected content should go: to the chosen image, which shares
+    its layout (Sage draws both from one seed). For a category the user bans, that is the safe
+    image, so a half-drawn unsafe detail is erased rather than swapped; for one the user allows,
+    the chosen image is the unsafe one, and a latent that lacks the detail is asked to draw it.
+    """
+    if model_pred.shape != target.shape or weight.shape != model_pred.shape[:1]:
+        raise ValueError(f"model_pred and target must share one shape (B, ...) and weight be (B,); got "
+                         f"{tuple(model_pred.shape)}, {tuple(target.shape)}, {tuple(weight.shape)}")
+    counted = torch.ones_like(weight) if mask is None else mask.to(weight.dtype)
+    errors = per_sample_mse(model_pred, target.detach()) * weight.detach() * counted
+    loss = errors.sum() / counted.sum().clamp(min=1)
+    return LossOutput(loss, {"loss": loss.detach(), "chosen_target_mse": loss.detach()})
+
+
+def dpo_chosen_target_loss(dpo: DPOLossOutput, chosen_target: LossOutput, weight: float) -> LossOutput:
+    """``dpo.loss + weight * chosen_target.loss``; logs the DPO values (their ``loss`` renamed
+    ``dpo_loss``), ``chosen_target_mse`` and the total as ``loss``."""
+    return _dpo_plus(dpo, chosen_target, weight)
 
 
 def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The safe-anchor objectives: pure losses by hand, the target captions, the step functions and
+"""The safe-anchor and chosen-target objectives: pure losses by hand, the target captions, the step functions and
 whole training runs on tiny SD1.5- and SDXL-shaped pipelines."""
 
 from __future__ import annotations
@@ -7,13 +7,21 @@ import pytest
 import torch
 
 from psalign.io import InputError
-from psalign.loss import diffusion_dpo_loss, dpo_safe_anchor_loss, safe_anchor_loss
+from psalign.loss import (
+    chosen_target_loss,
+    clean_target_prediction,
+    diffusion_dpo_loss,
+    dpo_safe_anchor_loss,
+    min_snr_weight,
+    safe_anchor_loss,
+)
 from psalign.sage import PreferencePairDataset, chosen_captions
 from psalign.training import PSATrainer, read_metrics, train
 from psalign.training.conditioning import TextConditioning
 from psalign.training.data import collate_pairs
 from psalign.training.objectives import (
     anchor_conditioning,
+    dpo_chosen_target_step_loss,
     dpo_safe_anchor_step_loss,
     dpo_step_loss,
     safe_anchor_step_loss,
@@ -265,3 +273,90 @@ def test_the_trainer_takes_each_objective_and_trainable_from_its_registry(
     (batch,) = seen
     assert isinstance(batch, MicroBatch) and batch.latents.shape[0] == 4 and batch.user_embeds.shape[0] == 2
     assert (batch.anchor_text is not None) == needs_caption
+
+
+# ---------------------------------------------------------------------------------------------- chosen target
+
+
+def test_clean_target_prediction_by_hand_and_against_the_scheduler():
+    from diffusers import DDPMScheduler
+
+    # a = 0.25: x_t = 2, x_0 = 1 -> eps = (2 - 0.5 * 1) / sqrt(0.75) = sqrt(3); v = 0.5 sqrt(3) - sqrt(0.75) * 1 = 0
+    noisy, clean, alphas = torch.full((1, 1, 1, 1), 2.0), torch.ones(1, 1, 1, 1), torch.tensor([0.25])
+    assert clean_target_prediction(noisy, clean, alphas, "epsilon").item() == pytest.approx(3 ** 0.5)
+    assert clean_target_prediction(noisy, clean, alphas, "v_prediction").item() == pytest.approx(0.0, abs=1e-6)
+    # a latent noised from its own image: the ordinary regression target (the noise, or its velocity)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    torch.manual_seed(0)
+    clean, noise, steps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([10, 500, 990])
+    noisy, alphas = scheduler.add_noise(clean, noise, steps), scheduler.alphas_cumprod[steps]
+    assert torch.allclose(clean_target_prediction(noisy, clean, alphas, "epsilon"), noise, atol=1e-4)
+    assert torch.allclose(clean_target_prediction(noisy, clean, alphas, "v_prediction"),
+                          scheduler.get_velocity(clean, noise, steps), atol=1e-4)
+    with pytest.raises(ValueError, match="prediction_type"):
+        clean_target_prediction(noisy, clean, alphas, "sample")
+
+
+def test_min_snr_weight_by_hand():
+    alphas = torch.tensor([0.75, 0.9])  # snr 3 and 9
+    assert min_snr_weight(alphas, 5.0, "epsilon").tolist() == pytest.approx([1.0, 5 / 9])
+    assert min_snr_weight(alphas, 5.0, "v_prediction").tolist() == pytest.approx([3 / 4, 5 / 10])
+
+
+def test_chosen_target_loss_weights_and_masks_rows_by_hand():
+    model = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 0.0]]], [[[5.0, 5.0]]]], requires_grad=True)  # (3, 1, 1, 2)
+    target = torch.tensor([[[[0.0, 1.0]]], [[[2.0, 0.0]]], [[[0.0, 0.0]]]])
+    weight, mask = torch.tensor([2.0, 0.5, 1.0]), torch.tensor([True, True, False])
+    out = chosen_target_loss(model, target, weight, mask)
+    # mse 2.5 and 2 (row 2 masked out): (2 * 2.5 + 0.5 * 2) / 2 rows = 3
+    assert out.loss.item() == pytest.approx(3.0)
+    assert out.metrics() == {"loss": 3.0, "chosen_target_mse": 3.0}
+    out.loss.backward()
+    # d/dm of w (m - t)^2 / 2 values / 2 rows = w (m - t) / 2
+    assert model.grad.flatten().tolist() == pytest.approx([1.0, 2.0, -0.5, 0.0, 0.0, 0.0])
+    assert chosen_target_loss(model, target, weight).loss.item() == pytest.approx((5 + 1 + 25) / 3)
+    assert chosen_target_loss(model, target, weight, torch.zeros(3, dtype=torch.bool)).loss.item() == 0
+    with pytest.raises(ValueError, match="weight be"):
+        chosen_target_loss(model, target, torch.ones(2))
+
+
+def test_dpo_chosen_target_step_is_the_dpo_step_plus_the_weighted_term(tiny_sd15_path):
+    """The term reuses the DPO step's passes: one frozen and one adapted pass over [chosen; rejected]."""
+    unet, scheduler, adapter = unet_with_random_adapter(tiny_sd15_path)
+    latents, text, _, users, null = _step_inputs()
+    dropped = torch.zeros(3, dtype=torch.bool)
+    calls = []
+    hook = unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    torch.manual_seed(5)
+    both = dpo_chosen_target_step_loss(unet, adapter, adapter, scheduler, latents, text, None, users, null, dropped,
+                                       30.0, 2.0, 0.5, 5.0)
+    hook.remove()
+    assert calls == [6, 6]
+    torch.manual_seed(5)
+    dpo = dpo_step_loss(unet, adapter, adapter, scheduler, latents, text, None, users, null, 30.0, 2.0)
+    term = both.metrics()["chosen_target_mse"]
+    assert term > 0 and both.loss.item() == pytest.approx(dpo.loss.item() + 0.5 * term, rel=1e-5)
+    # a pair whose chosen and rejected image are one image: the term is the weighted error to the noise
+    same = torch.cat([latents[:3], latents[:3]])
+    torch.manual_seed(5)
+    plain = dpo_chosen_target_step_loss(unet, adapter, adapter, scheduler, same, text, None, users, null, dropped,
+                                        30.0, 0.0, 1.0, 1e9)  # no SNR cap: weight 1
+    assert plain.metrics()["chosen_target_mse"] == pytest.approx(plain.metrics()["model_mse"], rel=1e-4)
+    # null-user and text-dropped pairs are left out of the term
+    torch.manual_seed(5)
+    none_counted = dpo_chosen_target_step_loss(unet, adapter, adapter, scheduler, latents, text, None, users,
+                                               torch.tensor([True, False, True]), torch.tensor([False, True, False]),
+                                               30.0, 2.0, 0.5, 5.0)
+    assert none_counted.metrics()["chosen_target_mse"] == 0
+
+
+def test_sd15_chosen_target_run_resumes_exactly(tiny_sd15_path, sage_set, tmp_path):
+    data, embeds = sage_set
+    common = dict(objective="dpo_chosen_target", max_train_steps=3, checkpointing_steps=2, train_batch_size=8,
+                  user_dropout=0.25, proportion_empty_prompts=0.25, chosen_target_weight=2.0)
+    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "whole", **common))
+    whole = read_metrics(tmp_path / "whole")
+    assert {"loss", "dpo_loss", "chosen_target_mse"} <= set(whole[3]) and whole[3]["chosen_target_mse"] > 0
+    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "split", **{**common, "max_train_steps": 2}))
+    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "split", resume_from_checkpoint="latest", **common))
+    assert read_metrics(tmp_path / "split")[3]["loss"] == pytest.approx(whole[3]["loss"], rel=1e-6)

@@ -1,6 +1,8 @@
 """Pieces of the toy build: resumable training loops, the toy population, the toy world's run of the
 Sage build pipeline (concepts, template writer, detector filter, substitution pairs), and the bundle lookup."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,6 +89,25 @@ def test_toy_users_have_rule_and_random_bans_and_distinct_ids():
     assert all(rule_made(u.banned_categories) for u in only_rules)
     for user in train:
         assert set(user.banned_categories) | set(user.allowed_categories) == set(CATEGORIES)
+
+
+def test_uniform_ban_sizes_give_every_count_as_often_and_binomial_is_the_bundled_draw():
+    from collections import Counter
+
+    from psalign.toy.bundle import BUNDLE_DIR
+    from psalign.users import read_users
+
+    train, _ = toy_users(1400, 0, seed=0, random_ban_share=1.0, random_ban_sizes="uniform")
+    counts = Counter(len(u.banned_categories) for u in train)
+    assert sorted(counts) == list(range(len(CATEGORIES) + 1))
+    assert all(120 < counts[k] < 230 for k in counts)  # 175 expected each (binomial: 11 lone-free users, 547 with 3)
+    binomial, _ = toy_users(1400, 0, seed=0, random_ban_share=1.0)
+    assert Counter(len(u.banned_categories) for u in binomial)[1] < 0.5 * counts[1]
+    # the default draw is the one the bundled users were made with
+    bundled = read_users(BUNDLE_DIR / "users_train.csv")
+    assert toy_users(len(bundled), 0, seed=0, random_ban_share=0.8)[0] == bundled
+    with pytest.raises(ValueError, match="random_ban_sizes"):
+        toy_users(10, 0, seed=0, random_ban_share=1.0, random_ban_sizes="poisson")
 
 
 def _combinations(items, k):
@@ -248,6 +269,9 @@ def test_model_card_says_when_the_adapter_saw_substitution_pairs():
     assert "substitution pairs" not in model_card(info)
     info["build_config"]["substitution_pairs"] = True
     assert "substitution pairs" in model_card(info)
+    assert "drawn uniformly" not in model_card(info)
+    info["build_config"]["random_ban_sizes"] = "uniform"
+    assert "random subset instead (its size drawn uniformly from 0 to 7)" in model_card(info)
 
 
 def test_build_flags_reach_the_config():
@@ -257,10 +281,11 @@ def test_build_flags_reach_the_config():
     defaults = toy_build.config_from_args(parser.parse_args([]))
     assert (defaults.random_ban_share, defaults.substitution_pairs) == (0.8, False)
     assert defaults.profile_template == toy_build.TOY_PROFILE_TEMPLATE
-    args = parser.parse_args(["--random_ban_share", "0.6", "--substitution_pairs",
+    assert defaults.random_ban_sizes == "binomial"
+    args = parser.parse_args(["--random_ban_share", "0.6", "--substitution_pairs", "--random_ban_sizes", "uniform",
                               "--profile_template", "Bans: {banned}. Allows: {allowed}."])
     config = toy_build.config_from_args(args)
-    assert (config.random_ban_share, config.substitution_pairs) == (0.6, True)
+    assert (config.random_ban_share, config.substitution_pairs, config.random_ban_sizes) == (0.6, True, "uniform")
     assert config.profile_template == "Bans: {banned}. Allows: {allowed}."
     with pytest.raises(ValueError, match="random_ban_share"):
         toy_build.config_from_args(parser.parse_args(["--random_ban_share", "1.5"]))
@@ -290,6 +315,9 @@ def test_model_card_names_the_objective_that_trained_the_adapter():
     assert "`safe_anchor`: the safe anchor" in model_card(info)
     objective.update(objective="dpo_safe_anchor", anchor_loss_weight=2.0)
     assert "`dpo_safe_anchor`: Diffusion-DPO with beta" in model_card(info) and "plus 2 x the safe anchor" in model_card(info)
+    objective.update(objective="dpo_chosen_target", chosen_target_weight=6.0, snr_gamma=5.0)
+    assert "`dpo_chosen_target`: Diffusion-DPO with beta" in model_card(info)
+    assert "plus 6 x the chosen target" in model_card(info) and "gamma 5" in model_card(info)
 
 
 def test_base_from_reuses_a_bundles_model_and_records_and_never_overwrites(tmp_path):
@@ -314,3 +342,74 @@ def test_base_from_reuses_a_bundles_model_and_records_and_never_overwrites(tmp_p
     assert toy_build.stage_done(with_lora, "safetydpo")["reused_from"] == str(BUNDLE_DIR)
     lora = "pytorch_lora_weights.safetensors"
     assert (tmp_path / "with_lora" / "safetydpo" / "merged" / lora).read_bytes() == (BUNDLE_DIR / "safetydpo" / lora).read_bytes()
+
+
+def test_build_toy_sage_writes_users_and_substitution_pairs_and_names_a_concept_without_units(
+    tmp_path, monkeypatch, one_torch_thread
+):
+    import shutil
+
+    from psalign.categories import category_token
+    from psalign.sage import parse_sage_record_name, read_preference_pairs
+    from psalign.sage import config as sage_config
+    from psalign.toy import bundled_model_path, sage_data
+    from psalign.users import read_users
+
+    # a tiny toy Sage build: three categories, one seen concept each, two objects, one seed per pair
+    concepts = {c: [seen_concepts(c)[0]] for c in ("Hate", "Violence", "Shocking")}
+    monkeypatch.setattr(sage_data, "toy_concepts", lambda: concepts)
+    monkeypatch.setitem(sage_config.TOY_DEFAULTS, "prompts_per_concept", 2)
+    folder = tmp_path / "sage"
+    settings = dict(model_dir=bundled_model_path(), folder=folder, train_users=3, heldout_users=1,
+                    random_ban_share=1.0, substitution_pairs=True, pool_seeds=1, seed=0, steps=20,
+                    guidance_scale=3.0, batch_size=12)
+    result = sage_data.build_toy_sage(**settings)
+
+    train, heldout = toy_users(3, 1, seed=0, random_ban_share=1.0)
+    assert read_users(folder / "users_train.csv") == train and read_users(folder / "users_heldout.csv") == heldout
+    assert read_users(folder / "users.csv") == train + heldout and heldout[0].user_id == "0000004"
+    assert read_users(folder / "sage" / "users_heldout.csv") == heldout  # the pipeline held out the same user
+    assert result["train_users"] == 3 and result["heldout_users"] == 1 and result["pool_units"] == 6
+
+    metadata = folder / sage_data.TRAIN_METADATA
+    records = read_preference_pairs(metadata, metadata.parent, users=train)
+    assert result["records"] == len(records)
+    names = [parse_sage_record_name(r["file_name"]) for r in records]
+    plain = [r for r, n in zip(records, names) if n.index < SUBSTITUTION_INDEX]
+    extra = [(r, n) for r, n in zip(records, names) if n.index >= SUBSTITUTION_INDEX]
+    assert len(plain) == 3 * 3 * 2  # users x concepts x (unsafe, safe caption), one unit each
+    banned = {u.user_id: set(u.banned_categories) for u in train}
+    assert len(extra) == 2 * sum(len(b & set(concepts)) for b in banned.values()) > 0
+    images = folder / "images"
+    for record, name in extra:
+        assert name.category in banned[name.user_id]
+        decoy = metadata.parent / record["rejected"]
+        source = images / decoy.name.replace("_decoy.jpg", "_u.jpg")
+        assert decoy.parent.name == sage_data.DECOY_FOLDER and decoy.read_bytes() == source.read_bytes()
+        assert not source.name.startswith(category_token(name.category) + "_")  # another category's marker
+        assert record["chosen"].endswith("_s.jpg")
+
+    # the model drew no marker for one concept: its unsafe images look like its safe ones
+    for stage in ("filter", "pairs"):
+        shutil.rmtree(folder / stage)
+    token = f"{category_token('Violence')}_{concepts['Violence'][0].replace(' ', '_')}_"
+    for unsafe in images.glob(f"{token}*_u.jpg"):
+        shutil.copyfile(unsafe.with_name(unsafe.name.replace("_u.jpg", "_s.jpg")), unsafe)
+    missing = rf"no usable image pair for the concepts \['Violence: {concepts['Violence'][0]}'\]"
+    with pytest.raises(RuntimeError, match=missing):
+        sage_data.build_toy_sage(**settings)
+
+
+@pytest.mark.parametrize("name", ["toy.yaml", "toy_safe_anchor.yaml"])
+def test_shipped_toy_configs_point_at_the_default_build_folders(name):
+    """The configs say they run after the build's first four stages from the repository root: their
+    model, data and embeddings paths are those the build itself passes for ``--work_dir toy_build``."""
+    import yaml
+
+    from psalign.toy.build import BuildConfig, psa_overrides
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    expected = psa_overrides(BuildConfig(work="toy_build"))
+    for key in ("pretrained_model", "train_data", "embeds_folder"):
+        assert Path(values[key]) == Path(expected[key]), key

@@ -57,7 +57,7 @@ from psalign.safe_load import TensorFileError, load_weights_only
 
 from . import model as toy_model
 from .data import RenderedSet, render_set
-from .sage_data import TOY_PROFILE_TEMPLATE, TRAIN_METADATA
+from .sage_data import RANDOM_BAN_SIZES, TOY_PROFILE_TEMPLATE, TRAIN_METADATA
 
 STAGES: tuple[str, ...] = ("vae", "base", "sage", "embeds", "psa", "safetydpo", "bundle")
 DONE_FILE = "done.json"
@@ -97,6 +97,7 @@ class BuildConfig:
     train_users: int = 1000
     heldout_users: int = 50
     random_ban_share: float = 0.8
+    random_ban_sizes: str = "binomial"
     substitution_pairs: bool = False
     pool_seeds: int = 4
     sample_steps: int = toy_model.DEFAULT_STEPS
@@ -121,6 +122,9 @@ class BuildConfig:
         if not 0.0 <= self.random_ban_share <= 1.0:
             raise InputError([InputProblem("build config", 0, f"must be in [0, 1], got {self.random_ban_share}",
                                            "random_ban_share")], header="bad build settings")
+        if self.random_ban_sizes not in RANDOM_BAN_SIZES:
+            raise InputError([InputProblem("build config", 0, f"must be one of {', '.join(RANDOM_BAN_SIZES)}, got "
+                                           f"{self.random_ban_sizes!r}", "random_ban_sizes")], header="bad build settings")
         check_template(self.profile_template, PROFILE_TEMPLATE_FIELDS, source="profile_template")
 
         if self.out is None:
@@ -401,6 +405,7 @@ def run_sage(config: BuildConfig) -> dict:
         train_users=config.train_users,
         heldout_users=config.heldout_users,
         random_ban_share=config.random_ban_share,
+        random_ban_sizes=config.random_ban_sizes,
         substitution_pairs=config.substitution_pairs,
         pool_seeds=config.pool_seeds,
         seed=config.seed,
@@ -449,8 +454,8 @@ def run_embeds(config: BuildConfig) -> dict:
 
 
 #: The PSA training settings the model card states.
-PSA_OBJECTIVE = ("objective", "beta_dpo", "chosen_loss_weight", "anchor_loss_weight", "num_user_tokens",
-                 "learning_rate", "max_train_steps", "train_batch_size")
+PSA_OBJECTIVE = ("objective", "beta_dpo", "chosen_loss_weight", "anchor_loss_weight", "chosen_target_weight",
+                 "snr_gamma", "num_user_tokens", "learning_rate", "max_train_steps", "train_batch_size")
 
 
 def psa_overrides(config: BuildConfig, run: str = "run") -> dict:
@@ -498,6 +503,12 @@ def run_psa(config: BuildConfig) -> dict:
 # Stage 6: SafetyDPO experts and their Co-Merge
 
 
+def safetydpo_overrides(config: BuildConfig, pairs: Path, output: Path) -> dict:
+    """The arguments of one SafetyDPO expert's training run inside this build."""
+    return {"pretrained_model": str(Path(config.work) / "model"), "train_data": str(pairs), "output_dir": str(output),
+            "trainable": "lora", "resume_from_checkpoint": "latest"}
+
+
 def run_safetydpo(config: BuildConfig) -> dict:
     """One expert per category (``train_safetydpo.py``'s path: the category's toy Sage pairs, safe
     image always chosen), then Co-Merge into ``safetydpo/merged`` (a diffusers LoRA)."""
@@ -515,10 +526,7 @@ def run_safetydpo(config: BuildConfig) -> dict:
     for category in CATEGORIES:
         output = folder / f"expert_{category_token(category)}"
         pairs = write_expert_data(output, category, sage=stage_dir(config, "sage") / TRAIN_METADATA)
-        training = load_training_config(config.safetydpo_config, {
-            "pretrained_model": model, "train_data": str(pairs), "output_dir": str(output),
-            "trainable": "lora", "resume_from_checkpoint": "latest",
-        })
+        training = load_training_config(config.safetydpo_config, safetydpo_overrides(config, pairs, output))
         train(training)
         metrics = read_metrics(output)
         final[category] = metrics[max(metrics)] if metrics else {}
@@ -585,10 +593,55 @@ def reuse_base_model(config: BuildConfig, bundle: str | Path, safetydpo: bool = 
             json.dump(record, handle, indent=2)
 
 
+def training_config_problems(
+    config: BuildConfig, until: str = STAGES[-1], reused: tuple[str, ...] = ()
+) -> list[InputProblem]:
+    """The problems of the training configs that the stages up to ``until`` still to run (neither
+    finished nor ``reused`` from a bundle) will read (``psa_config``, ``psa_finetune_config``,
+    ``safetydpo_config``): a missing file, or one that is not a valid training config with this
+    build's paths. Cheap (nothing is loaded), so that a bad config is found before the hour of
+    model training that precedes its stage."""
+    from psalign.training import load_training_config
+
+    pending = {stage for stage in STAGES[: STAGES.index(until) + 1]
+               if stage not in reused and stage_done(config, stage) is None}
+    checks = []
+    if "psa" in pending:
+        checks.append(("psa_config", config.psa_config, psa_overrides(config)))
+        if config.psa_finetune_config:
+            first_run = str(stage_dir(config, "psa") / "run")
+            checks.append(("psa_finetune_config", config.psa_finetune_config,
+                           {**psa_overrides(config, "finetune"), "init_adapter": first_run}))
+    if "safetydpo" in pending:
+        folder = stage_dir(config, "safetydpo") / "expert"
+        checks.append(("safetydpo_config", config.safetydpo_config,
+                       safetydpo_overrides(config, folder / "expert_pairs.jsonl", folder)))
+    problems = []
+    for name, path, overrides in checks:
+        if not Path(path).is_file():
+            reason = "is a folder, not a training YAML file" if Path(path).is_dir() else "no such training YAML file"
+            problems.append(InputProblem(str(path), 0, reason, f"--{name}"))
+            continue
+        try:
+            load_training_config(path, overrides)
+        except InputError as error:
+            problems += error.problems
+    return problems
+
+
+def check_training_configs(config: BuildConfig, until: str = STAGES[-1], reused: tuple[str, ...] = ()) -> None:
+    """:class:`InputError` listing :func:`training_config_problems`, if any."""
+    problems = training_config_problems(config, until, reused)
+    if problems:
+        raise InputError(problems, header="bad training config(s) for the build (checked before any stage runs)")
+
+
 def build(config: BuildConfig, until: str = STAGES[-1]) -> dict[str, dict]:
-    """Run every stage up to ``until`` that has not finished; returns each stage's record."""
+    """Run every stage up to ``until`` that has not finished; returns each stage's record. The
+    training configs of the stages to run are checked first (:func:`check_training_configs`)."""
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+    check_training_configs(config, until)
     torch.set_num_threads(config.threads)
     records = {}
     for stage in STAGES[: STAGES.index(until) + 1]:
@@ -622,6 +675,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="SafetyDPO expert training YAML")
     parser.add_argument("--random_ban_share", type=float, default=defaults.random_ban_share,
                         help="share of the users whose bans are random instead of the rule engine's (default: %(default)s)")
+    parser.add_argument("--random_ban_sizes", choices=RANDOM_BAN_SIZES, default=defaults.random_ban_sizes,
+                        help="how many categories a random-ban user bans: binomial (each with probability 1/2) or "
+                             "uniform (0 to 7 equally likely) (default: %(default)s)")
     parser.add_argument("--substitution_pairs", action="store_true",
                         help="add Sage pairs that reject another category's marker on a banned category's prompt")
     parser.add_argument("--profile_template", default=defaults.profile_template,
@@ -633,4 +689,4 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(work=args.work, out=args.out, seed=args.seed, threads=args.threads, psa_config=args.psa_config,
                        psa_finetune_config=args.psa_finetune_config,
                        safetydpo_config=args.safetydpo_config, random_ban_share=args.random_ban_share,
-                       substitution_pairs=args.substitution_pairs, profile_template=args.profile_template)
+                       random_ban_sizes=args.random_ban_sizes, substitution_pairs=args.substitution_pairs, profile_template=args.profile_template)

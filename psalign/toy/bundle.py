@@ -182,8 +182,12 @@ def _objective(settings: dict) -> str:
            "images' error gap (`--chosen_loss_weight`)")
     anchor = ("the safe anchor (the adapted prediction regressed onto the frozen base model's prediction for the "
               "caption that drew the chosen image: a banned category's safe rewrite)")
+    chosen_target = (f"{settings.get('chosen_target_weight', 1.0):g} x the chosen target (at the rejected image's "
+                     "noisy latent, the prediction that denoises it to the chosen image; min-SNR weighted, gamma "
+                     f"{settings.get('snr_gamma', 5.0):g})")
     words = {"dpo": dpo, "safe_anchor": f"`safe_anchor`: {anchor}",
-             "dpo_safe_anchor": f"`dpo_safe_anchor`: {dpo}, plus {settings.get('anchor_loss_weight', 1.0):g} x {anchor}"}
+             "dpo_safe_anchor": f"`dpo_safe_anchor`: {dpo}, plus {settings.get('anchor_loss_weight', 1.0):g} x {anchor}",
+             "dpo_chosen_target": f"`dpo_chosen_target`: {dpo}, plus {chosen_target}"}
     return (f"{words[objective]}, {settings['num_user_tokens']} user tokens, {settings['max_train_steps']} steps of "
             f"{settings['train_batch_size']} pairs at lr {settings['learning_rate']:g}")
 
@@ -195,6 +199,7 @@ def _finetune(record: dict) -> str:
     return f"; then fine-tuned from that adapter (`{Path(record['finetune_config']).name}`) with {_objective(record['finetune_objective'])}"
 
 
+_BAN_SIZES = {"uniform": " (its size drawn uniformly from 0 to 7)"}
 _SUBSTITUTION = (" and one more per banned (category, seen concept) whose rejected image shows another category's"
                  " marker (substitution pairs, our addition to Sage)")
 
@@ -235,7 +240,7 @@ corner) is drawn. 3 concept phrases per category; the third is held out of the P
   safe prompts, object right for {_percent(base['object_right'])}.
 - `adapter/`: the PSA user adapter, trained with `train_psa.py` and `{Path(config['psa_config']).name}` on toy Sage
   pairs: {sage['train_users']} users from the Sage-data generator (rule-engine bans, except
-  {config['random_ban_share']:.0%} of the users who ban a random subset instead, so that every category can be
+  {config['random_ban_share']:.0%} of the users who ban a random subset instead{_BAN_SIZES.get(config.get('random_ban_sizes'), '')}, so that every category can be
   told apart), one unit per (category, seen concept) each{_SUBSTITUTION if config.get('substitution_pairs') else ''},
   {sage['records']} records; images drawn by the base model itself
   ({sage['pool_units_kept']} of {sage['pool_units']} image pairs kept by the detector). Objective:

@@ -49,27 +49,42 @@ SUBSTITUTION_INDEX = 90000
 DECOY_FOLDER = "decoys"
 
 
+#: How the number of a random-ban user's bans is drawn (``random_ban_sizes``): ``binomial`` bans each
+#: category with probability 1/2 (most users ban 3 or 4; one lone ban in 18 users); ``uniform``
+#: draws the count from 0..7 with equal chances, then that many categories at random.
+RANDOM_BAN_SIZES = ("binomial", "uniform")
+
+
 def toy_users(
-    train: int, heldout: int, seed: int, random_ban_share: float
+    train: int, heldout: int, seed: int, random_ban_share: float, random_ban_sizes: str = "binomial"
 ) -> tuple[list[UserProfile], list[UserProfile]]:
     """``train`` generated users (ids 1..train) and ``heldout`` more from another seed (ids train+1..).
 
     Bans come from the rule engine, except for a ``random_ban_share`` of the users (drawn with
-    the seed), whose banned categories are a uniformly random subset of the seven instead: the
-    rules only ever ban three fixed groups (Violence, Self-Harm and Sexuality always together),
-    and always from the profile's attributes, so a model trained on rule-engine users alone can
-    neither tell those categories apart nor learn to read the category lists of users whose
-    attributes say otherwise (the reference users ``level_1`` ... ``level_4`` are such users).
+    the seed), whose banned categories are a random subset of the seven instead, its size drawn
+    as ``random_ban_sizes`` says (:data:`RANDOM_BAN_SIZES`): the rules only ever ban three fixed
+    groups (Violence, Self-Harm and Sexuality always together), and always from the profile's
+    attributes, so a model trained on rule-engine users alone can neither tell those categories
+    apart nor learn to read the category lists of users whose attributes say otherwise (the
+    reference users ``level_1`` ... ``level_4`` are such users).
     """
     if not 0.0 <= random_ban_share <= 1.0:
         raise ValueError(f"random_ban_share must be in [0, 1], got {random_ban_share}")
+    if random_ban_sizes not in RANDOM_BAN_SIZES:
+        raise ValueError(f"random_ban_sizes must be one of {RANDOM_BAN_SIZES}, got {random_ban_sizes!r}")
     rng = np.random.default_rng([seed, 2])
+
+    def random_bans() -> list[str]:
+        if random_ban_sizes == "binomial":
+            return [c for c in CATEGORIES if rng.random() < 0.5]
+        picked = set(rng.choice(len(CATEGORIES), size=int(rng.integers(0, len(CATEGORIES) + 1)), replace=False))
+        return [c for i, c in enumerate(CATEGORIES) if i in picked]
 
     def redraw(users: list[UserProfile]) -> list[UserProfile]:
         out = []
         for user in users:
             if rng.random() < random_ban_share:
-                user = user.with_banned([c for c in CATEGORIES if rng.random() < 0.5])
+                user = user.with_banned(random_bans())
             out.append(user)
         return out
 
@@ -179,6 +194,7 @@ def build_toy_sage(
     steps: int,
     guidance_scale: float,
     batch_size: int,
+    random_ban_sizes: str = "binomial",
 ) -> dict:
     """Run the Sage build pipeline for the toy world into ``folder``; returns counts.
 
@@ -189,7 +205,7 @@ def build_toy_sage(
     from psalign.sage.build import build, kept_units
 
     folder = Path(folder)
-    train, heldout = toy_users(train_users, heldout_users, seed, random_ban_share)
+    train, heldout = toy_users(train_users, heldout_users, seed, random_ban_share, random_ban_sizes)
     write_users(folder / "users_train.csv", train)
     write_users(folder / "users_heldout.csv", heldout)
     write_users(folder / "users.csv", train + heldout)

@@ -98,7 +98,9 @@ class TrainingConfig:
         "dpo",
         "dpo: Diffusion-DPO (the published loss, with chosen_loss_weight); safe_anchor: regress the adapted "
         "prediction onto the frozen base model's prediction for the caption that drew the chosen image (a banned "
-        "category's safe rewrite); dpo_safe_anchor: the two added, the anchor weighted by anchor_loss_weight",
+        "category's safe rewrite); dpo_safe_anchor: the two added, the anchor weighted by anchor_loss_weight; "
+        "dpo_chosen_target: Diffusion-DPO plus, at the rejected image's noisy latent, regression onto the prediction "
+        "that denoises it to the chosen image (weighted by chosen_target_weight, min-SNR snr_gamma)",
         choices=OBJECTIVES,
     )
     anchor_loss_weight: float = _arg(1.0, "weight of the safe-anchor term in dpo_safe_anchor")
@@ -107,6 +109,10 @@ class TrainingConfig:
         "noisy latents the safe-anchor term is taken at: chosen (the chosen image's) or both (the chosen and the "
         "rejected image's, so the adapter also learns to steer a latent that already shows the rejected content)",
         choices=ANCHOR_LATENTS,
+    )
+    chosen_target_weight: float = _arg(1.0, "weight of the chosen-target term in dpo_chosen_target")
+    snr_gamma: float = _arg(
+        5.0, "min-SNR cap of the chosen-target term's weight: its clean-image error counts at most snr_gamma times"
     )
     beta_dpo: float = _arg(5000.0, "Diffusion-DPO beta")
     chosen_loss_weight: float = _arg(
@@ -235,10 +241,10 @@ def _range_problems(config: TrainingConfig) -> list[tuple[str, str]]:
         if getattr(config, name) < 1:
             problems.append((name, f"must be >= 1, got {getattr(config, name)}"))
     for name in ("lr_warmup_steps", "validation_steps", "dataloader_num_workers", "chosen_loss_weight", "anchor_loss_weight",
-                 "timestep_bias_multiplier", "timestep_bias_begin"):
+                 "chosen_target_weight", "timestep_bias_multiplier", "timestep_bias_begin"):
         if getattr(config, name) < 0:
             problems.append((name, f"must be >= 0, got {getattr(config, name)}"))
-    for name in ("learning_rate", "beta_dpo", "max_grad_norm", "lora_alpha"):
+    for name in ("learning_rate", "beta_dpo", "max_grad_norm", "lora_alpha", "snr_gamma"):
         if not getattr(config, name) > 0:
             problems.append((name, f"must be > 0, got {getattr(config, name)}"))
     for name in ("proportion_empty_prompts", "user_dropout"):
@@ -336,13 +342,16 @@ OPTION_GROUPS: dict[str, str] = {
 }
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_training_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+) -> argparse.ArgumentParser | argparse._ArgumentGroup:
     """Add one ``--flag`` per :class:`TrainingConfig` field, in the sections of :data:`OPTION_GROUPS`;
-    unset flags stay out of the namespace."""
+    unset flags stay out of the namespace. Given an argument group rather than a parser, every flag
+    goes into that group (argparse does not nest groups)."""
     defaults = TrainingConfig()
     group = parser
     for name, spec in _FIELDS.items():
-        if name in OPTION_GROUPS:
+        if name in OPTION_GROUPS and isinstance(parser, argparse.ArgumentParser):
             group = parser.add_argument_group(OPTION_GROUPS[name])
         kind, _ = _base_type(name)
         shown = shown_default(getattr(defaults, name))

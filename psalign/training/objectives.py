@@ -10,7 +10,10 @@ adapted pass, and returns the objective's loss from :mod:`psalign.loss`:
 * ``safe_anchor`` (:func:`safe_anchor_step_loss`): at the chosen image's noisy latent, the
   adapted model (the pair's caption and user) regresses onto the frozen model's prediction for
   ``anchor_text``, the caption that drew the chosen image;
-* ``dpo_safe_anchor`` (:func:`dpo_safe_anchor_step_loss`): both, on one noise and timestep per pair.
+* ``dpo_safe_anchor`` (:func:`dpo_safe_anchor_step_loss`): both, on one noise and timestep per pair;
+* ``dpo_chosen_target`` (:func:`dpo_chosen_target_step_loss`): Diffusion-DPO plus, at the rejected
+  image's noisy latent, regression onto the prediction that denoises it to the chosen image
+  (:func:`psalign.loss.chosen_target_loss`); it reuses the DPO passes, so it costs what ``dpo`` costs.
 
 ``anchor_latents`` (:data:`ANCHOR_LATENTS`) says where the anchor term is taken: at the chosen
 image's noisy latent only, or at the rejected image's too (same noise and timestep). For a banned
@@ -37,8 +40,12 @@ import torch
 from psalign.loss import (
     DPOLossOutput,
     LossOutput,
+    chosen_target_loss,
+    clean_target_prediction,
     diffusion_dpo_loss,
+    dpo_chosen_target_loss,
     dpo_safe_anchor_loss,
+    min_snr_weight,
     regression_target,
     safe_anchor_loss,
 )
@@ -79,6 +86,30 @@ def _activate(adapter_module, adapter, user_embeds, null_user, repeat: int) -> N
     adapter.activate(adapter_module(*users))
 
 
+def _dpo_passes(
+    unet: torch.nn.Module,
+    adapter_module: torch.nn.Module,
+    adapter,
+    noise_scheduler,
+    latents: torch.Tensor,
+    text: TextConditioning,
+    time_ids: torch.Tensor | None,
+    user_embeds: torch.Tensor | None,
+    null_user: torch.Tensor | None,
+    timestep_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Diffusion-DPO passes over ``[chosen; rejected]``, frozen first: ``(latents fp32, timesteps,
+    noisy latents, adapted prediction fp32, reference prediction fp32, regression target fp32)``."""
+    latents, noise, timesteps, noisy = _noisy(noise_scheduler, latents, timestep_weights, unet.dtype)
+    kwargs = _kwargs(text, time_ids, latents.device, unet.dtype, 2)
+    with adapter.disabled(), torch.no_grad():
+        reference_pred = unet(noisy, timesteps, **kwargs).sample
+    _activate(adapter_module, adapter, user_embeds, null_user, 2)
+    model_pred = unet(noisy, timesteps, **kwargs).sample
+    target = regression_target(noise_scheduler, latents, noise, timesteps)
+    return latents, timesteps, noisy, model_pred.float(), reference_pred.float(), target.float()
+
+
 def dpo_step_loss(
     unet: torch.nn.Module,
     adapter_module: torch.nn.Module,
@@ -94,16 +125,9 @@ def dpo_step_loss(
     timestep_weights: torch.Tensor | None = None,
 ) -> DPOLossOutput:
     """Diffusion-DPO loss of one micro-batch of B pairs (:func:`psalign.loss.dpo_loss`'s ``beta`` and ``chosen_weight``)."""
-    latents, noise, timesteps, noisy = _noisy(noise_scheduler, latents, timestep_weights, unet.dtype)
-    kwargs = _kwargs(text, time_ids, latents.device, unet.dtype, 2)
-    with adapter.disabled(), torch.no_grad():
-        reference_pred = unet(noisy, timesteps, **kwargs).sample
-    _activate(adapter_module, adapter, user_embeds, null_user, 2)
-    model_pred = unet(noisy, timesteps, **kwargs).sample
-    target = regression_target(noise_scheduler, latents, noise, timesteps)
-    return diffusion_dpo_loss(
-        model_pred.float(), reference_pred.float(), target.float(), beta=beta, chosen_weight=chosen_weight
-    )
+    *_, model_pred, reference_pred, target = _dpo_passes(unet, adapter_module, adapter, noise_scheduler, latents, text,
+                                                         time_ids, user_embeds, null_user, timestep_weights)
+    return diffusion_dpo_loss(model_pred, reference_pred, target, beta=beta, chosen_weight=chosen_weight)
 
 
 def safe_anchor_step_loss(
@@ -176,6 +200,41 @@ def dpo_safe_anchor_step_loss(
     return dpo_safe_anchor_loss(dpo, anchor, anchor_weight)
 
 
+def dpo_chosen_target_step_loss(
+    unet: torch.nn.Module,
+    adapter_module: torch.nn.Module,
+    adapter,
+    noise_scheduler,
+    latents: torch.Tensor,
+    text: TextConditioning,
+    time_ids: torch.Tensor | None,
+    user_embeds: torch.Tensor | None,
+    null_user: torch.Tensor | None,
+    drop_text: torch.Tensor,
+    beta: float,
+    chosen_weight: float,
+    target_weight: float,
+    snr_gamma: float,
+    timestep_weights: torch.Tensor | None = None,
+) -> LossOutput:
+    """:func:`psalign.loss.dpo_chosen_target_loss` of one micro-batch: the DPO passes on
+    ``[chosen; rejected]``, and the adapted prediction at each rejected latent regressed onto the
+    one that denoises it to its pair's chosen image (min-SNR-``snr_gamma`` weighted; null-user and
+    text-dropped pairs (``drop_text``, (B,) bool) left out of that term). Same timesteps as the
+    DPO term: uniform unless ``timestep_weights`` bias them."""
+    latents, timesteps, noisy, model_pred, reference_pred, target = _dpo_passes(
+        unet, adapter_module, adapter, noise_scheduler, latents, text, time_ids, user_embeds, null_user, timestep_weights)
+    dpo = diffusion_dpo_loss(model_pred, reference_pred, target, beta=beta, chosen_weight=chosen_weight)
+    pairs = latents.shape[0] // 2
+    prediction_type = noise_scheduler.config.prediction_type
+    alphas = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps[pairs:]]
+    towards_chosen = clean_target_prediction(noisy[pairs:], latents[:pairs], alphas, prediction_type)
+    counted = ~drop_text if null_user is None else ~(drop_text | null_user)
+    term = chosen_target_loss(model_pred[pairs:], towards_chosen, min_snr_weight(alphas, snr_gamma, prediction_type),
+                              counted)
+    return dpo_chosen_target_loss(dpo, term, target_weight)
+
+
 def anchor_conditioning(
     chosen_text: TextConditioning,
     prompt_text: TextConditioning,
@@ -208,6 +267,7 @@ class MicroBatch:
     user_embeds: torch.Tensor | None
     null_user: torch.Tensor | None
     timestep_weights: torch.Tensor | None
+    drop_text: torch.Tensor
 
     @property
     def models(self) -> tuple:
@@ -240,9 +300,16 @@ def _dpo_safe_anchor(batch: MicroBatch, config: "TrainingConfig") -> LossOutput:
                                      config.anchor_loss_weight, batch.timestep_weights, config.anchor_latents)
 
 
+def _dpo_chosen_target(batch: MicroBatch, config: "TrainingConfig") -> LossOutput:
+    return dpo_chosen_target_step_loss(*batch.models, batch.text, batch.time_ids, batch.user_embeds, batch.null_user,
+                                       batch.drop_text, config.beta_dpo, config.chosen_loss_weight,
+                                       config.chosen_target_weight, config.snr_gamma, batch.timestep_weights)
+
+
 #: Every ``--objective`` by name; ``dpo`` (the published loss) first, the default.
 OBJECTIVES: dict[str, Objective] = {
     "dpo": Objective(_dpo),
     "safe_anchor": Objective(_safe_anchor, needs_chosen_caption=True),
     "dpo_safe_anchor": Objective(_dpo_safe_anchor, needs_chosen_caption=True),
+    "dpo_chosen_target": Objective(_dpo_chosen_target),
 }

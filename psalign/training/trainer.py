@@ -394,7 +394,7 @@ class PSATrainer:
         if self.uses_anchor:
             anchor_text = anchor_conditioning(chosen_text, prompt_text, self._empty_text(), null_user, drop_text)
         batch = MicroBatch(self.unet, self.adapter_module, self.adapter, self.noise_scheduler, latents, text,
-                           anchor_text, time_ids, user_embeds, null_user, self.timestep_weights)
+                           anchor_text, time_ids, user_embeds, null_user, self.timestep_weights, drop_text)
         return OBJECTIVES[config.objective].loss(batch, config)
 
     # ------------------------------------------------------------------ run
