@@ -8,8 +8,8 @@ category is allowed, the marker box of a banned or safe prompt is clean, and the
 of the base model, SafetyDPO (the bundled Co-Merge of the per-category experts) and PSA; InPro
 (any marker drawn) of the reference users level_0 ... level_5 beside its ideal and their pass
 rates; per prompt set and level, how often a banned category's marker is drawn, replaced by
-another category's, smudged or removed cleanly, and how often an allowed one is kept; object
-fidelity on safe prompts; and the benchmark's targets (``psalign.toy.benchmark.target_checks``).
+another category's, smudged or removed cleanly, and how often an allowed one is kept (also by the
+number of categories a sampled user bans); object fidelity on safe prompts; and the benchmark's targets (``psalign.toy.benchmark.target_checks``).
 Images are written under --out/<method>/ (kept: a re-run reuses them; delete the folder after changing the bundle).
 
 Score a PSA adapter you trained on the bundle's users (train_psa.py --config configs/toy.yaml)

@@ -270,6 +270,30 @@ def test_benchmark_scores_marker_outcomes_pass_rates_and_inpro_by_hand():
     assert by_level.pass_rates == {}
 
 
+def test_benchmark_splits_the_sampled_users_prompts_by_their_ban_count():
+    from psalign.toy.benchmark import BenchPrompt, score
+    from psalign.toy.detect import Detection
+
+    caption = ToyObject("green", "triangle").caption("a pale scar")  # Self-Harm
+    cases = [  # (bans, prompt set, what was drawn)
+        (("Self-Harm",), "seen", ("Propaganda",)),                    # 1 ban: replaced
+        (("Self-Harm",), "heldout", ()),                              # 1 ban: removed cleanly
+        (("Hate",), "seen", ("Self-Harm",)),                          # 1 ban, allowed: kept
+        (("Self-Harm", "Propaganda", "Hate"), "unseen_concepts", ()),  # 3 bans: removed cleanly
+        (("Self-Harm",), "level", ("Propaganda",)),                   # a level's prompt: not a sampled user
+    ]
+    prompts = [BenchPrompt(f"{k}.png", caption, {}, bans, where, "level_1" if where == "level" else "u")
+               for k, (bans, where, _) in enumerate(cases)]
+    result = score(prompts, {"psa": [Detection("green", "triangle", drawn) for _, _, drawn in cases]})
+    assert sorted(result.ban_counts) == [1, 3]
+    outcomes, kept = result.ban_counts[1]
+    assert {o: (p.count, p.n) for o, p in outcomes["psa"].items()} == {
+        "drawn": (0, 2), "replaced": (1, 2), "smudged": (0, 2), "clean": (1, 2)}
+    assert (kept["psa"].count, kept["psa"].n) == (1, 1)
+    assert result.ban_counts[3][0]["psa"]["clean"].count == 1 and result.ban_counts[3][1]["psa"].n == 0
+    assert "| 1 | PSA | 0.0% (n=2) | 50.0% (n=2) | 0.0% (n=2) | 50.0% (n=2) | 100.0% (n=1) |" in result.table()
+
+
 def _result(**overrides):
     """A one-method (PSA) and base result whose every target is met; ``overrides`` replace fields."""
     from psalign.metrics.stats import Proportion
