@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from psalign.toy.benchmark import BenchmarkSpec, run_benchmark, target_checks
-from psalign.toy.build import DEFAULT_PSA_CONFIG
+from psalign.toy.build import DPO_PSA_CONFIG
 from psalign.toy.bundle import bundled_paths
 from psalign.training.objectives import ANCHOR_LATENTS
 from psalign.toy.sage_data import TRAIN_METADATA
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, required=True, help="toy build folder with model/, sage/ and embeds/")
     parser.add_argument("--out", type=Path, default=Path("toy_objectives"), help="runs and images (default: %(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from %(default)s")
-    parser.add_argument("--config", type=Path, default=DEFAULT_PSA_CONFIG, help="training YAML (default: configs/toy.yaml)")
+    parser.add_argument("--config", type=Path, default=DPO_PSA_CONFIG, help="training YAML (default: configs/toy.yaml)")
     parser.add_argument("--steps", type=int, default=None, help="max_train_steps of the from-scratch variants")
     parser.add_argument("--anchor_loss_weight", type=float, default=30.0, help="anchor weight of the dpo_safe_anchor variants")
     parser.add_argument("--anchor_latents", choices=ANCHOR_LATENTS, default="chosen",

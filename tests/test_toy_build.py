@@ -400,7 +400,7 @@ def test_build_toy_sage_writes_users_and_substitution_pairs_and_names_a_concept_
         sage_data.build_toy_sage(**settings)
 
 
-@pytest.mark.parametrize("name", ["toy.yaml", "toy_safe_anchor.yaml"])
+@pytest.mark.parametrize("name", ["toy.yaml", "toy_safe_anchor.yaml", "toy_chosen_target.yaml"])
 def test_shipped_toy_configs_point_at_the_default_build_folders(name):
     """The configs say they run after the build's first four stages from the repository root: their
     model, data and embeddings paths are those the build itself passes for ``--work_dir toy_build``."""

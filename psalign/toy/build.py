@@ -19,7 +19,8 @@ stages checkpoint, so an interrupted build resumes where it stopped:
    (:data:`~psalign.toy.sage_data.TOY_PROFILE_TEMPLATE`: the banned and allowed categories) for
    training, held-out and reference users; statistics over the training users;
 5. ``psa``: the PSA adapter, trained with ``train_psa.py``'s library entry point and
-   ``configs/toy.yaml`` (Diffusion-DPO; paths overridden to this build's folders); with
+   ``configs/toy_chosen_target.yaml`` (``dpo_chosen_target``; ``--psa_config configs/toy.yaml`` for
+   the published Diffusion-DPO loss; paths overridden to this build's folders); with
    ``--psa_finetune_config`` (e.g. ``configs/toy_safe_anchor.yaml``) then fine-tuned from that
    adapter into ``psa/finetune``, which is the one bundled;
 6. ``safetydpo``: the SafetyDPO baseline: one LoRA expert per category (``configs/toy_safetydpo.yaml``,
@@ -61,8 +62,10 @@ from .sage_data import RANDOM_BAN_SIZES, TOY_PROFILE_TEMPLATE, TRAIN_METADATA
 
 STAGES: tuple[str, ...] = ("vae", "base", "sage", "embeds", "psa", "safetydpo", "bundle")
 DONE_FILE = "done.json"
-#: Default PSA training config (relative to the repository root).
-DEFAULT_PSA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
+#: The toy PSA recipe with the published Diffusion-DPO loss (the control of the objective comparisons).
+DPO_PSA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
+#: Default PSA training config, the bundled adapter's: ``DPO_PSA_CONFIG`` plus the chosen target.
+DEFAULT_PSA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy_chosen_target.yaml"
 #: The safe-anchor fine-tune config, for ``--psa_finetune_config`` (the bundled adapter has no second stage).
 SAFE_ANCHOR_FINETUNE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy_safe_anchor.yaml"
 #: Default SafetyDPO expert training config.
