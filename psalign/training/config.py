@@ -112,7 +112,8 @@ class TrainingConfig:
     )
     chosen_target_weight: float = _arg(1.0, "weight of the chosen-target term in dpo_chosen_target")
     snr_gamma: float = _arg(
-        5.0, "min-SNR cap of the chosen-target term's weight: its clean-image error counts at most snr_gamma times"
+        5.0, "min-SNR-gamma weighting of the chosen-target term: the signal-to-noise ratio that weighs its "
+        "clean-image error is capped at snr_gamma"
     )
     beta_dpo: float = _arg(5000.0, "Diffusion-DPO beta")
     chosen_loss_weight: float = _arg(
