@@ -71,10 +71,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix, end = _temp_affixes(path.name, suffix)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=end)
-    os.fchmod(fd, _umask_mode())
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _umask_mode())  # after the writer: some (safetensors) create the file anew, owner-only
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

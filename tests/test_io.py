@@ -3,6 +3,8 @@
 import os
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from psalign.io import (
     InputError, InputProblem, atomic_path, atomic_write, file_sha256, model_sha256, weights_sha256,
@@ -26,10 +28,12 @@ def test_atomic_files_get_umask_permissions(tmp_path):
             handle.write("x")
         with atomic_path(tmp_path / "b.bin") as tmp:
             tmp.write_bytes(b"x")
+        with atomic_path(tmp_path / "c.safetensors", suffix=".safetensors") as tmp:
+            save_file({"x": torch.zeros(1)}, str(tmp))  # writes a new file of its own, owner-only
     finally:
         os.umask(mask)
-    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
-    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o644
+    for name in ("a.txt", "b.bin", "c.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
 
 
 def test_input_error_lists_every_problem_with_its_location():
