@@ -7,7 +7,9 @@
 * :func:`dpo_safe_anchor_loss`: the two added;
 * :func:`chosen_target_loss`: at the *rejected* image's noisy latent, regression onto the prediction
   that denoises it to the *chosen* image (:func:`clean_target_prediction`), min-SNR weighted;
-  :func:`dpo_chosen_target_loss` adds it to the Diffusion-DPO loss.
+  :func:`dpo_chosen_target_loss` adds it to the Diffusion-DPO loss;
+* :func:`kv_anchor_loss`: the cross-attention keys and values of the adapted model's (edited)
+  caption regressed onto the frozen model's for the caption that drew the chosen image.
 
 Every output has ``loss`` (the scalar to backpropagate) and ``logged`` (detached scalars by name).
 """
@@ -248,6 +250,29 @@ def dpo_chosen_target_loss(dpo: DPOLossOutput, chosen_target: LossOutput, weight
     """``dpo.loss + weight * chosen_target.loss``; logs the DPO values (their ``loss`` renamed
     ``dpo_loss``), ``chosen_target_mse`` and the total as ``loss``."""
     return _dpo_plus(dpo, chosen_target, weight)
+
+
+def kv_anchor_loss(adapted: list[torch.Tensor], anchor: list[torch.Tensor]) -> LossOutput:
+    """Mean squared error between the keys and values the cross-attention layers compute.
+
+    ``adapted``, ``anchor``: one tensor (B, L, h_l) per layer and projection (keys and values of
+    every cross-attention layer, in one order). ``adapted`` are the frozen projections of the
+    caption as the adapter's text edit rewrites it for the pair's user; ``anchor`` those of the
+    caption that drew the chosen image (no gradient). For a category the user bans that is the safe
+    rewrite: when the keys and values match, every cross-attention layer, and so the whole UNet,
+    behaves exactly as the base model does for the safe caption, at every timestep and noise
+    level. For an allowed category it is the caption itself, so the edit learns to change nothing.
+    This is unified concept editing's objective (Gandikota et al. 2024), per user and on the
+    caption instead of the projection weights.
+    ``loss = mean_j mean((adapted_j - anchor_j)^2)``, logged as ``kv_anchor_mse`` too.
+    """
+    if len(adapted) != len(anchor) or not adapted:
+        raise ValueError(f"adapted and anchor must be equally long, non-empty lists; got {len(adapted)} and {len(anchor)}")
+    for a, b in zip(adapted, anchor):
+        if a.shape != b.shape:
+            raise ValueError(f"adapted and anchor tensors must pair up in shape; got {tuple(a.shape)} and {tuple(b.shape)}")
+    loss = torch.stack([F.mse_loss(a.float(), b.detach().float()) for a, b in zip(adapted, anchor)]).mean()
+    return LossOutput(loss, {"loss": loss.detach(), "kv_anchor_mse": loss.detach()})
 
 
 def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .processor import UserCrossAttnProcessor
+from .text_edit import UserTextEdit, text_edit_heads
 
-#: Version of the saved adapter format (``psa_config.json`` + ``psa_adapter.safetensors``).
-FORMAT_VERSION = 1
+#: Version of the saved adapter format (``psa_config.json`` + ``psa_adapter.safetensors``). Version 2
+#: added the user text edit; an adapter without one is still written as version 1.
+FORMAT_VERSION = 2
 FORMAT_NAME = "psalign-psa-adapter"
 #: SDXL ``add_time_ids`` (original size, crop top-left, target size) an adapter was trained with:
 #: ``target_size`` is ``[R, R, 0, 0, R, R]`` at resolution R (what diffusers' SDXL pipelines pass by
@@ -38,12 +40,15 @@ class PSAAdapterConfig:
     num_user_tokens: int = 1
     sdxl_micro_conditioning: str | None = None
     """One of :data:`SDXL_MICRO_CONDITIONINGS` for an SDXL adapter; None for SD1.5 or when not recorded."""
+    text_edit_layers: int = 0
+    """Blocks of the user text edit (:mod:`psalign.adapter.text_edit`); 0: none (the published architecture)."""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The saved form, with the oldest format version that can read it."""
+        return {**asdict(self), "format_version": FORMAT_VERSION if self.text_edit_layers else 1}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PSAAdapterConfig":
@@ -131,6 +136,7 @@ class UserConditioning:
 
     Fast path (one token): ``output_offsets[l]`` (B, C_out) = ``W_o^l (scale W_v^l u)`` / rescale.
     General path: ``user_keys[l]``, ``user_values[l]`` (B, N, inner_dim) and ``scale``.
+    With a text edit: ``user_tokens`` (B, N, d_c), which the edit reads beside the text.
     """
 
     batch_size: int
@@ -138,6 +144,7 @@ class UserConditioning:
     output_offsets: list[torch.Tensor] | None = None
     user_keys: list[torch.Tensor] | None = None
     user_values: list[torch.Tensor] | None = None
+    user_tokens: torch.Tensor | None = None
 
     def check_batch(self, unet_batch: int) -> None:
         if unet_batch != self.batch_size:
@@ -177,7 +184,9 @@ class PSAAdapter(nn.Module):
 
     Parameters: ``user_proj`` (:class:`UserProjection`), ``to_v[l]`` = ``Linear(d_c, h_l)`` per
     cross-attention layer (zero-initialised, so a fresh adapter leaves the UNet output unchanged)
-    and, only for N > 1 user tokens, ``to_k[l]`` (with one token the key cannot matter).
+    and, only for N > 1 user tokens, ``to_k[l]`` (with one token the key cannot matter); with
+    ``text_edit_layers`` > 0, ``text_edit`` (:class:`UserTextEdit`, zero-initialised output), which
+    rewrites the text tokens every cross-attention layer sees.
 
     Typical use with a stock pipeline::
 
@@ -206,19 +215,24 @@ class PSAAdapter(nn.Module):
             if config.num_user_tokens > 1
             else None
         )
+        self.text_edit = (
+            UserTextEdit(d_c, config.text_edit_layers, text_edit_heads(d_c)) if config.text_edit_layers > 0 else None
+        )
         #: One token uses the exact constant-vector fast path; False forces real attention (tests, benchmarks).
         self.fast_path = True
         self._attention_layers: list[nn.Module] = []
+        self._text_edit_hook: torch.utils.hooks.RemovableHandle | None = None
         self._active: UserConditioning | None = None
         self._enabled = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def for_unet(
-        cls, unet: nn.Module, user_embed_dim: int, num_user_tokens: int = 1, sdxl_micro_conditioning: str | None = None
+        cls, unet: nn.Module, user_embed_dim: int, num_user_tokens: int = 1, sdxl_micro_conditioning: str | None = None,
+        text_edit_layers: int = 0,
     ) -> "PSAAdapter":
         """A fresh adapter shaped for ``unet``: ``user_embed_dim`` comes from the data (3584 Qwen2.5-7B, 384 MiniLM).
-        ``sdxl_micro_conditioning`` is recorded for an SDXL UNet only."""
+        ``sdxl_micro_conditioning`` is recorded for an SDXL UNet only; ``text_edit_layers`` > 0 adds a text edit."""
         layers = cross_attention_layers(unet)
         if not layers:
             raise ValueError("this UNet has no cross-attention layers to adapt")
@@ -232,6 +246,7 @@ class PSAAdapter(nn.Module):
             layer_dims=[int(m.to_out[0].in_features) for m in layers.values()],
             num_user_tokens=int(num_user_tokens),
             sdxl_micro_conditioning=sdxl_micro_conditioning if is_sdxl_unet(unet) else None,
+            text_edit_layers=int(text_edit_layers),
         )
         adapter = cls(config)
         if adapter.to_k is not None:  # start the user keys from the layers' text keys (same d_c -> h_l shape)
@@ -283,10 +298,15 @@ class PSAAdapter(nn.Module):
     def attach(self, unet: nn.Module) -> "PSAAdapter":
         """Install a :class:`UserCrossAttnProcessor` on every cross-attention layer of ``unet``; returns self.
 
-        Self-attention processors are left untouched. The adapter's weights stay outside the UNet,
-        so move it with ``adapter.to(device)`` (keep it in fp32 for training).
+        Self-attention processors are left untouched. With a text edit, a forward pre-hook on the
+        UNet edits ``encoder_hidden_states`` once per call (every cross-attention layer reads it).
+        The adapter's weights stay outside the UNet, so move it with ``adapter.to(device)`` (keep
+        it in fp32 for training).
         """
         layers = self.check_unet(unet)
+        if self.text_edit is not None and getattr(unet, "encoder_hid_proj", None) is not None:
+            raise ValueError("this UNet projects the text before its cross-attention layers (encoder_hid_proj); "
+                             "a PSA text edit needs one whose layers read the text encoder's output directly")
         processors = dict(unet.attn_processors)
         for index, name in enumerate(layers):
             base = processors[name]
@@ -295,6 +315,8 @@ class PSAAdapter(nn.Module):
             processors[name] = UserCrossAttnProcessor(self, index, base)
         unet.set_attn_processor(processors)
         self._attention_layers = list(layers.values())
+        if self.text_edit is not None:
+            self._text_edit_hook = unet.register_forward_pre_hook(self._edit_unet_text, with_kwargs=True)
         return self
 
     def detach(self, unet: nn.Module) -> None:
@@ -306,6 +328,16 @@ class PSAAdapter(nn.Module):
         unet.set_attn_processor(processors)
         self._attention_layers = []
         self._active = None
+        if self._text_edit_hook is not None:
+            self._text_edit_hook.remove()
+            self._text_edit_hook = None
+
+    @property
+    def attention_layers(self) -> list[nn.Module]:
+        """The attached UNet's cross-attention modules, in :attr:`PSAAdapterConfig.layer_names` order."""
+        if not self._attention_layers:
+            raise RuntimeError("attach the adapter to a UNet (adapter.attach(unet)) first")
+        return self._attention_layers
 
     # ------------------------------------------------------------------ conditioning
     @property
@@ -320,19 +352,44 @@ class PSAAdapter(nn.Module):
             raise RuntimeError("attach the adapter to a UNet (adapter.attach(unet)) before conditioning it")
         tokens = self.user_proj(user_embeds.to(self.user_proj.proj.weight.device), null_user)  # (B, N, d_c)
         batch = tokens.shape[0]
+        user_tokens = tokens if self.text_edit is not None else None
         if self.uses_fast_path:
             offsets = []
             for to_v, attn in zip(self.to_v, self._attention_layers):
                 offset = _linear_no_bias(attn.to_out[0], scale * to_v(tokens[:, 0]))
                 offsets.append(offset / attn.rescale_output_factor)
-            return UserConditioning(batch_size=batch, scale=scale, output_offsets=offsets)
+            return UserConditioning(batch_size=batch, scale=scale, output_offsets=offsets, user_tokens=user_tokens)
         to_k = self.to_k if self.to_k is not None else self.to_v  # N=1 general path: key is irrelevant
         return UserConditioning(
             batch_size=batch,
             scale=scale,
             user_keys=[k(tokens) for k in to_k],
             user_values=[v(tokens) for v in self.to_v],
+            user_tokens=user_tokens,
         )
+
+    def _edit_unet_text(self, unet: nn.Module, args: tuple, kwargs: dict):
+        """UNet forward pre-hook: the call's ``encoder_hidden_states`` (keyword, or the third
+        positional argument) edited for the active users; nothing when the adapter is off."""
+        conditioning = self.active_conditioning()
+        if conditioning is None:
+            return None
+        if kwargs.get("encoder_hidden_states") is not None:
+            text = kwargs["encoder_hidden_states"]
+            conditioning.check_batch(text.shape[0])
+            return args, {**kwargs, "encoder_hidden_states": self.edit_text(text, conditioning)}
+        if len(args) > 2 and args[2] is not None:
+            conditioning.check_batch(args[2].shape[0])
+            return (*args[:2], self.edit_text(args[2], conditioning), *args[3:]), kwargs
+        return None
+
+    def edit_text(self, text: torch.Tensor, conditioning: UserConditioning) -> torch.Tensor:
+        """The text tokens (B, L, d_c) the cross-attention layers see under ``conditioning``: edited by
+        the text edit (the edit times the user scale), or unchanged for an adapter without one."""
+        if self.text_edit is None or conditioning.user_tokens is None:
+            return text
+        edited = self.text_edit(text, conditioning.user_tokens)
+        return edited if conditioning.scale == 1.0 else text + conditioning.scale * (edited - text)
 
     def activate(self, conditioning: UserConditioning | None) -> None:
         """Make ``conditioning`` the one the attached processors use (None: no users set)."""

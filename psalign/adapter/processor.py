@@ -26,6 +26,9 @@ class UserCrossAttnProcessor:
     * **Several user tokens (general path).** A second attention call with the layer's query
       over the user keys/values.
 
+    With a text edit (``PSAAdapter.text_edit``), ``encoder_hidden_states`` arrives already edited
+    for each row's user: the adapter edits it once per UNet call, in a forward pre-hook.
+
     The processor holds no weights: they live in the adapter (so the frozen UNet's dtype casts
     and ``requires_grad_`` never touch them). With the adapter disabled, or switched off by
     ``PSAAdapter.disabled()``, it defers to the layer's original processor unchanged.

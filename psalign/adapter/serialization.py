@@ -122,6 +122,7 @@ class AdapterSummary:
     num_user_tokens: int
     cross_attention_dim: int
     num_layers: int
+    text_edit_layers: int = 0
 
 
 def _published_summary(path: Path, shapes: dict[str, dict[str, tuple[int, ...]]]) -> AdapterSummary:
@@ -205,7 +206,7 @@ def _inspect_adapter_dir(path: Path) -> AdapterSummary:
         raise ValueError(f"{weights_file} does not match its adapter config: {shown}")
     return AdapterSummary(
         path, "psalign", config.user_embed_dim, config.num_user_tokens, config.cross_attention_dim,
-        len(config.layer_names),
+        len(config.layer_names), config.text_edit_layers,
     )
 
 

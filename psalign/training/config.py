@@ -94,13 +94,19 @@ class TrainingConfig:
         "zero-initialised adapter",
     )
     num_user_tokens: int = _arg(1, "user tokens per user embedding (1: the exact fast path)")
+    text_edit_layers: int = _arg(
+        0, "blocks of the adapter's user text edit, which rewrites the caption's tokens for each user before every "
+        "cross-attention layer (0: none, the published architecture; the kv_anchor objective trains it)"
+    )
     objective: str = _arg(
         "dpo",
         "dpo: Diffusion-DPO (the published loss, with chosen_loss_weight); safe_anchor: regress the adapted "
         "prediction onto the frozen base model's prediction for the caption that drew the chosen image (a banned "
         "category's safe rewrite); dpo_safe_anchor: the two added, the anchor weighted by anchor_loss_weight; "
         "dpo_chosen_target: Diffusion-DPO plus, at the rejected image's noisy latent, regression onto the prediction "
-        "that denoises it to the chosen image (weighted by chosen_target_weight, min-SNR snr_gamma)",
+        "that denoises it to the chosen image (weighted by chosen_target_weight, min-SNR snr_gamma); kv_anchor: the "
+        "cross-attention keys and values of the caption as the text edit rewrites it, regressed onto the frozen "
+        "model's for the caption that drew the chosen image (needs text_edit_layers > 0; no UNet pass)",
         choices=OBJECTIVES,
     )
     anchor_loss_weight: float = _arg(1.0, "weight of the safe-anchor term in dpo_safe_anchor")
@@ -241,6 +247,10 @@ def _range_problems(config: TrainingConfig) -> list[tuple[str, str]]:
     for name in positive:
         if getattr(config, name) < 1:
             problems.append((name, f"must be >= 1, got {getattr(config, name)}"))
+    if config.text_edit_layers < 0:
+        problems.append(("text_edit_layers", f"must be >= 0, got {config.text_edit_layers}"))
+    if config.objective == "kv_anchor" and config.trainable == "adapter" and config.text_edit_layers < 1:
+        problems.append(("text_edit_layers", "the kv_anchor objective trains the adapter's text edit: set it >= 1"))
     for name in ("lr_warmup_steps", "validation_steps", "dataloader_num_workers", "chosen_loss_weight", "anchor_loss_weight",
                  "chosen_target_weight", "timestep_bias_multiplier", "timestep_bias_begin"):
         if getattr(config, name) < 0:

@@ -13,7 +13,11 @@ adapted pass, and returns the objective's loss from :mod:`psalign.loss`:
 * ``dpo_safe_anchor`` (:func:`dpo_safe_anchor_step_loss`): both, on one noise and timestep per pair;
 * ``dpo_chosen_target`` (:func:`dpo_chosen_target_step_loss`): Diffusion-DPO plus, at the rejected
   image's noisy latent, regression onto the prediction that denoises it to the chosen image
-  (:func:`psalign.loss.chosen_target_loss`); it reuses the DPO passes, so it costs what ``dpo`` costs.
+  (:func:`psalign.loss.chosen_target_loss`); it reuses the DPO passes, so it costs what ``dpo`` costs;
+* ``kv_anchor`` (:func:`kv_anchor_step_loss`): for an adapter with a text edit, the keys and values
+  every cross-attention layer computes from the edited caption regressed onto the frozen model's
+  for ``anchor_text`` (:func:`psalign.loss.kv_anchor_loss`); no UNet pass at all, so a step costs
+  a fraction of a DPO step.
 
 ``anchor_latents`` (:data:`ANCHOR_LATENTS`) says where the anchor term is taken: at the chosen
 image's noisy latent only, or at the rejected image's too (same noise and timestep). For a banned
@@ -45,6 +49,7 @@ from psalign.loss import (
     diffusion_dpo_loss,
     dpo_chosen_target_loss,
     dpo_safe_anchor_loss,
+    kv_anchor_loss,
     min_snr_weight,
     regression_target,
     safe_anchor_loss,
@@ -235,6 +240,39 @@ def dpo_chosen_target_step_loss(
     return dpo_chosen_target_loss(dpo, term, target_weight)
 
 
+def cross_attention_kv(layers: list[torch.nn.Module], text: torch.Tensor) -> list[torch.Tensor]:
+    """Keys and values (B, L, h_l) that each cross-attention layer computes from the text tokens
+    ``text`` (B, L, d_c), in the projections' dtype: ``[k_1, v_1, k_2, v_2, ...]``."""
+    projected = []
+    for attn in layers:
+        context = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
+        context = context.to(attn.to_k.weight.dtype)
+        projected += [attn.to_k(context), attn.to_v(context)]
+    return projected
+
+
+def kv_anchor_step_loss(
+    adapter_module: torch.nn.Module,
+    adapter,
+    text: TextConditioning,
+    anchor_text: TextConditioning,
+    user_embeds: torch.Tensor,
+    null_user: torch.Tensor,
+) -> LossOutput:
+    """:func:`psalign.loss.kv_anchor_loss` of one micro-batch of B pairs: the caption (B rows, after
+    dropout) edited for each pair's user against ``anchor_text`` (:func:`anchor_conditioning`),
+    through the frozen key/value projections of the cross-attention layers the adapter is attached
+    to. Needs an adapter with a text edit; the latents are not used."""
+    if getattr(adapter, "text_edit", None) is None or user_embeds is None:
+        raise ValueError("the kv_anchor objective trains a PSA adapter's text edit: set text_edit_layers > 0")
+    conditioning = adapter_module(user_embeds, null_user)
+    layers = adapter.attention_layers
+    edited = adapter.edit_text(text.prompt_embeds, conditioning)
+    with torch.no_grad():
+        anchor = cross_attention_kv(layers, anchor_text.prompt_embeds)
+    return kv_anchor_loss(cross_attention_kv(layers, edited), anchor)
+
+
 def anchor_conditioning(
     chosen_text: TextConditioning,
     prompt_text: TextConditioning,
@@ -282,6 +320,9 @@ class Objective:
 
     loss: Callable[[MicroBatch, "TrainingConfig"], LossOutput]
     needs_chosen_caption: bool = False
+    #: False when some trainable weights get no gradient (the additive user branch under
+    #: ``kv_anchor``); DDP must then look for unused parameters.
+    trains_every_weight: bool = True
 
 
 def _dpo(batch: MicroBatch, config: "TrainingConfig") -> DPOLossOutput:
@@ -306,10 +347,16 @@ def _dpo_chosen_target(batch: MicroBatch, config: "TrainingConfig") -> LossOutpu
                                        config.chosen_target_weight, config.snr_gamma, batch.timestep_weights)
 
 
+def _kv_anchor(batch: MicroBatch, config: "TrainingConfig") -> LossOutput:
+    return kv_anchor_step_loss(batch.adapter_module, batch.adapter, batch.text, batch.anchor_text, batch.user_embeds,
+                               batch.null_user)
+
+
 #: Every ``--objective`` by name; ``dpo`` (the published loss) first, the default.
 OBJECTIVES: dict[str, Objective] = {
     "dpo": Objective(_dpo),
     "safe_anchor": Objective(_safe_anchor, needs_chosen_caption=True),
     "dpo_safe_anchor": Objective(_dpo_safe_anchor, needs_chosen_caption=True),
     "dpo_chosen_target": Objective(_dpo_chosen_target),
+    "kv_anchor": Objective(_kv_anchor, needs_chosen_caption=True, trains_every_weight=False),
 }

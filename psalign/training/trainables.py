@@ -142,7 +142,7 @@ class AdapterKind(TrainableKind):
         if mean.shape != (dim,):
             _problem(problems, str(Path(config.embeds_folder) / "embedding_stats.npz"),
                      f"statistics have dimension {mean.shape[0]} but the user embeddings have {dim}")
-        problems += adapter_checkpoint_problems(resume, dim)
+        problems += adapter_checkpoint_problems(resume, dim, config.text_edit_layers)
         problems += init_adapter_problems(config, dim)
         users = list(config.validation_users) or list(dict.fromkeys(pairs.user_ids))[:2]
         embeds = []
@@ -159,7 +159,10 @@ class AdapterKind(TrainableKind):
     def build(self, unet, config, data):
         adapter = build_adapter(unet, data.embed_mean.shape[0], config)
         if config.init_adapter is not None:  # a resumed checkpoint's weights replace these in train()
-            adapter.load_state_dict(init_adapter_state(config.init_adapter, unet))
+            # an adapter without a text edit may start one that has it: the edit starts fresh (the identity)
+            missing, _ = adapter.load_state_dict(init_adapter_state(config.init_adapter, unet), strict=False)
+            if any(not key.startswith("text_edit.") for key in missing):
+                raise ValueError(f"init_adapter {config.init_adapter} lacks tensors {missing[:3]}")
         adapter.set_embedding_stats(torch.from_numpy(data.embed_mean), torch.from_numpy(data.embed_std))
         return adapter.attach(unet)
 
@@ -181,8 +184,13 @@ class LoRAKind(TrainableKind):
     written = "LoRA expert"
 
     def config_problems(self, config):
-        return [(name, "not supported with trainable lora") for name in ("precompute", "validation_steps", "init_adapter")
-                if getattr(config, name)]
+        problems = [(name, "not supported with trainable lora")
+                    for name in ("precompute", "validation_steps", "init_adapter", "text_edit_layers")
+                    if getattr(config, name)]
+        if config.objective == "kv_anchor":
+            problems.append(("objective", "kv_anchor trains a PSA adapter's user text edit; not supported with "
+                                          "trainable lora"))
+        return problems
 
     def locate_data(self, config, problems):
         metadata = Path(config.train_data)
@@ -234,8 +242,10 @@ def lora_checkpoint_problems(resume: checkpoints.CheckpointInfo | None) -> list[
     return []
 
 
-def adapter_checkpoint_problems(resume: checkpoints.CheckpointInfo | None, user_embed_dim: int) -> list[InputProblem]:
-    """A resumed checkpoint that holds no PSA adapter, or one for another user embedding dimension."""
+def adapter_checkpoint_problems(resume: checkpoints.CheckpointInfo | None, user_embed_dim: int,
+                                text_edit_layers: int) -> list[InputProblem]:
+    """A resumed checkpoint that holds no PSA adapter, or one for another user embedding dimension
+    or with another number of text edit blocks."""
     if resume is None:
         return []
     where, shapes = str(resume.path / checkpoints.MODEL_FILE), resume.model_shapes
@@ -245,6 +255,10 @@ def adapter_checkpoint_problems(resume: checkpoints.CheckpointInfo | None, user_
     if projection[1] != user_embed_dim:
         return [InputProblem(where, 0, f"the adapter takes user embeddings of dimension {projection[1]}, but the "
                                        f"training embeddings have {user_embed_dim}", "resume_from_checkpoint")]
+    saved_blocks = len({key.split(".")[2] for key in shapes if key.startswith("text_edit.blocks.")})
+    if saved_blocks != text_edit_layers:
+        return [InputProblem(where, 0, f"the adapter has a text edit of {saved_blocks} block(s), but "
+                                       f"text_edit_layers is {text_edit_layers}", "resume_from_checkpoint")]
     return []
 
 
@@ -268,6 +282,9 @@ def init_adapter_problems(config: "TrainingConfig", user_embed_dim: int) -> list
     if summary.num_user_tokens != config.num_user_tokens:
         problems.append(InputProblem(where, 0, f"the adapter has {summary.num_user_tokens} user token(s), but "
                                                f"num_user_tokens is {config.num_user_tokens}", "init_adapter"))
+    if summary.text_edit_layers not in (0, config.text_edit_layers):
+        problems.append(InputProblem(where, 0, f"the adapter has a text edit of {summary.text_edit_layers} layer(s), "
+                                               f"but text_edit_layers is {config.text_edit_layers}", "init_adapter"))
     return problems
 
 
@@ -296,4 +313,5 @@ def build_adapter(unet: torch.nn.Module, user_embed_dim: int, config: "TrainingC
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return PSAAdapter.for_unet(unet, user_embed_dim, num_user_tokens=config.num_user_tokens,
-                                   sdxl_micro_conditioning=config.sdxl_micro_conditioning)
+                                   sdxl_micro_conditioning=config.sdxl_micro_conditioning,
+                                   text_edit_layers=config.text_edit_layers)

@@ -242,7 +242,7 @@ class PSATrainer:
 
     def __init__(self, config: TrainingConfig):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         self.config = config
         self.kind = TRAINABLE_KINDS[config.trainable]
@@ -255,6 +255,8 @@ class PSATrainer:
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
+            kwargs_handlers=[DistributedDataParallelKwargs(
+                find_unused_parameters=not OBJECTIVES[config.objective].trains_every_weight)],
         )
         self.dtype = DTYPES[config.mixed_precision]
         self.progress = TrainingProgress()
