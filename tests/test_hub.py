@@ -210,3 +210,12 @@ def test_hub_checks_name_what_is_wrong(monkeypatch, tmp_path):
     assert "no such (public) hub repository" in str(hub.pretrained_problem("org/typo", "--llm_model"))
     monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: object())
     assert hub.pretrained_problem("org/exists", "--llm_model") is None
+
+
+def test_the_model_card_says_whether_the_adapter_edits_the_caption(tiny_sd15_path):
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15_path, subfolder="unet")
+    plain, edit = PSAAdapter.for_unet(unet, USER_DIM), PSAAdapter.for_unet(unet, USER_DIM, text_edit_layers=2)
+    assert "| user text edit blocks | 0 |" in model_card(plain, "org/a") and "text edit that" not in model_card(plain, "org/a")
+    card = model_card(edit, "org/b")
+    assert "| user text edit blocks | 2 |" in card and "a user text edit that rewrites the caption's tokens" in card
+    assert f"| parameters | {sum(p.numel() for p in edit.parameters())} |" in card

@@ -78,7 +78,7 @@ def model_card(adapter: "PSAAdapter", repo_id: str) -> str:
     front.append("---")
     rows = [("user embedding dimension", config.user_embed_dim), ("user tokens", config.num_user_tokens),
             ("cross-attention layers", len(config.layer_names)), ("cross-attention dimension", config.cross_attention_dim),
-            ("parameters", sum(p.numel() for p in adapter.parameters()))]
+            ("user text edit blocks", config.text_edit_layers), ("parameters", sum(p.numel() for p in adapter.parameters()))]
     for key, label in (("model_type", "model type"), ("global_step", "training steps")):
         if key in config.extra:
             rows.append((label, config.extra[key]))
@@ -87,12 +87,14 @@ def model_card(adapter: "PSAAdapter", repo_id: str) -> str:
         if key in training:
             rows.append((key, training[key]))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    edit_words = (" and a user text edit that rewrites the caption's tokens for each user before those layers"
+                  if config.text_edit_layers else "")
     return "\n".join(front) + f"""
 
 # PSA user adapter: `{repo_id}`
 
 A personalized safety alignment (PSA) user adapter for {f"`{base}`" if base else "a Stable Diffusion UNet"}. It adds a
-user branch to every cross-attention layer of the frozen UNet, conditioned on a user embedding, so
+user branch to every cross-attention layer of the frozen UNet{edit_words}, conditioned on a user embedding, so
 that what a user bans is left out of that user's images.
 
 | | |
