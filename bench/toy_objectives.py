@@ -14,7 +14,11 @@ skipped when its adapter exists, resumed when it has checkpoints):
   default 6, and ``--snr_gamma``, default 5);
 * ``dpo+safe_anchor`` / ``dpo+dpo_safe_anchor`` / ``dpo+dpo_chosen_target``: ``--finetune_steps`` more
   steps with that objective (lr ``--finetune_lr``), starting from the ``dpo`` variant's adapter (or
-  ``--dpo_adapter``).
+  ``--dpo_adapter``);
+* ``kv_anchor``: an adapter with a user text edit (``--text_edit_layers`` blocks, default 2) trained
+  with ``objective: kv_anchor`` (the bundled recipe, ``configs/toy_kv_anchor.yaml``);
+* ``edit+dpo`` / ``edit+dpo_chosen_target``: the ``dpo`` / ``dpo_chosen_target`` runs with that text
+  edit in the adapter (the architecture without the objective).
 
 ``--steps`` sets every from-scratch variant's ``max_train_steps`` (default: the config's);
 ``--anchor_latents both`` takes the anchor variants' anchor term at the rejected latents too.
@@ -33,11 +37,11 @@ import torch
 from psalign.toy.benchmark import BenchmarkSpec, run_benchmark, target_checks
 from psalign.toy.build import DPO_PSA_CONFIG
 from psalign.toy.bundle import bundled_paths
-from psalign.training.objectives import ANCHOR_LATENTS
+from psalign.training.objectives import ANCHOR_LATENTS, OBJECTIVES
 from psalign.toy.sage_data import TRAIN_METADATA
 
 VARIANTS = ("dpo", "safe_anchor", "dpo_safe_anchor", "dpo_chosen_target", "dpo+safe_anchor", "dpo+dpo_safe_anchor",
-            "dpo+dpo_chosen_target")
+            "dpo+dpo_chosen_target", "kv_anchor", "edit+dpo", "edit+dpo_chosen_target")
 
 
 def _overrides(args: argparse.Namespace, variant: str, out: Path) -> dict:
@@ -47,14 +51,17 @@ def _overrides(args: argparse.Namespace, variant: str, out: Path) -> dict:
         "train_data": str(work / "sage" / TRAIN_METADATA),
         "embeds_folder": str(work / "embeds" / "embeds"),
         "output_dir": str(out),
-        "cache_dir": str(args.out / "cache"),
         "resume_from_checkpoint": "latest",
     }
     if args.steps:
         values["max_train_steps"] = args.steps
-    objective = variant.removeprefix("dpo+")
+    objective = variant.removeprefix("dpo+").removeprefix("edit+")
     if objective != "dpo":
         values["objective"] = objective
+    if objective == "kv_anchor" or variant.startswith("edit+"):
+        values["text_edit_layers"] = args.text_edit_layers
+    # the objectives that read the chosen image's caption need a cache that holds its encoding
+    values["cache_dir"] = str(args.out / ("cache_captions" if OBJECTIVES[objective].needs_chosen_caption else "cache"))
     if "anchor" in objective:
         values.update(anchor_loss_weight=args.anchor_loss_weight, anchor_latents=args.anchor_latents)
     if objective == "dpo_chosen_target":
@@ -85,6 +92,8 @@ def main(argv=None) -> None:
     parser.add_argument("--anchor_loss_weight", type=float, default=30.0, help="anchor weight of the dpo_safe_anchor variants")
     parser.add_argument("--anchor_latents", choices=ANCHOR_LATENTS, default="chosen",
                         help="where the anchor variants take the anchor term (default: %(default)s)")
+    parser.add_argument("--text_edit_layers", type=int, default=2,
+                        help="text edit blocks of the kv_anchor and edit+ variants (default: %(default)s)")
     parser.add_argument("--chosen_target_weight", type=float, default=6.0,
                         help="chosen-target weight of the dpo_chosen_target variants (default: %(default)s)")
     parser.add_argument("--snr_gamma", type=float, default=5.0,

@@ -318,6 +318,12 @@ def test_model_card_names_the_objective_that_trained_the_adapter():
     objective.update(objective="dpo_chosen_target", chosen_target_weight=6.0, snr_gamma=5.0)
     assert "`dpo_chosen_target`: Diffusion-DPO with beta" in model_card(info)
     assert "plus 6 x the chosen target" in model_card(info) and "gamma 5" in model_card(info)
+    objective.update(objective="kv_anchor", text_edit_layers=2)
+    stated = model_card(info).split("Objective:")[1].split("Last logged")[0]
+    assert stated.strip().startswith("`kv_anchor`: the cross-attention keys and values") and "Diffusion-DPO" not in stated
+    assert "a user text edit of 2 blocks" in stated
+    objective.update(text_edit_layers=0)
+    assert "text edit of" not in model_card(info)
 
 
 def test_base_from_reuses_a_bundles_model_and_records_and_never_overwrites(tmp_path):
@@ -400,7 +406,7 @@ def test_build_toy_sage_writes_users_and_substitution_pairs_and_names_a_concept_
         sage_data.build_toy_sage(**settings)
 
 
-@pytest.mark.parametrize("name", ["toy.yaml", "toy_safe_anchor.yaml", "toy_chosen_target.yaml"])
+@pytest.mark.parametrize("name", ["toy.yaml", "toy_safe_anchor.yaml", "toy_chosen_target.yaml", "toy_kv_anchor.yaml"])
 def test_shipped_toy_configs_point_at_the_default_build_folders(name):
     """The configs say they run after the build's first four stages from the repository root: their
     model, data and embeddings paths are those the build itself passes for ``--work_dir toy_build``."""

@@ -19,8 +19,9 @@ stages checkpoint, so an interrupted build resumes where it stopped:
    (:data:`~psalign.toy.sage_data.TOY_PROFILE_TEMPLATE`: the banned and allowed categories) for
    training, held-out and reference users; statistics over the training users;
 5. ``psa``: the PSA adapter, trained with ``train_psa.py``'s library entry point and
-   ``configs/toy_chosen_target.yaml`` (``dpo_chosen_target``; ``--psa_config configs/toy.yaml`` for
-   the published Diffusion-DPO loss; paths overridden to this build's folders); with
+   ``configs/toy_kv_anchor.yaml`` (a user text edit trained with ``kv_anchor``; ``--psa_config
+   configs/toy.yaml`` for the published Diffusion-DPO loss, ``configs/toy_chosen_target.yaml`` for
+   ``dpo_chosen_target``; paths overridden to this build's folders); with
    ``--psa_finetune_config`` (e.g. ``configs/toy_safe_anchor.yaml``) then fine-tuned from that
    adapter into ``psa/finetune``, which is the one bundled;
 6. ``safetydpo``: the SafetyDPO baseline: one LoRA expert per category (``configs/toy_safetydpo.yaml``,
@@ -64,8 +65,8 @@ STAGES: tuple[str, ...] = ("vae", "base", "sage", "embeds", "psa", "safetydpo", 
 DONE_FILE = "done.json"
 #: The toy PSA recipe with the published Diffusion-DPO loss (the control of the objective comparisons).
 DPO_PSA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
-#: Default PSA training config, the bundled adapter's: ``DPO_PSA_CONFIG`` plus the chosen target.
-DEFAULT_PSA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy_chosen_target.yaml"
+#: Default PSA training config, the bundled adapter's: a user text edit trained with ``kv_anchor``.
+DEFAULT_PSA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy_kv_anchor.yaml"
 #: The safe-anchor fine-tune config, for ``--psa_finetune_config`` (the bundled adapter has no second stage).
 SAFE_ANCHOR_FINETUNE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy_safe_anchor.yaml"
 #: Default SafetyDPO expert training config.
@@ -458,7 +459,8 @@ def run_embeds(config: BuildConfig) -> dict:
 
 #: The PSA training settings the model card states.
 PSA_OBJECTIVE = ("objective", "beta_dpo", "chosen_loss_weight", "anchor_loss_weight", "chosen_target_weight",
-                 "snr_gamma", "num_user_tokens", "learning_rate", "max_train_steps", "train_batch_size")
+                 "snr_gamma", "num_user_tokens", "text_edit_layers", "learning_rate", "max_train_steps",
+                 "train_batch_size")
 
 
 def psa_overrides(config: BuildConfig, run: str = "run") -> dict:

@@ -187,9 +187,15 @@ def _objective(settings: dict) -> str:
                      f"{settings.get('snr_gamma', 5.0):g})")
     words = {"dpo": dpo, "safe_anchor": f"`safe_anchor`: {anchor}",
              "dpo_safe_anchor": f"`dpo_safe_anchor`: {dpo}, plus {settings.get('anchor_loss_weight', 1.0):g} x {anchor}",
-             "dpo_chosen_target": f"`dpo_chosen_target`: {dpo}, plus {chosen_target}"}
-    return (f"{words[objective]}, {settings['num_user_tokens']} user tokens, {settings['max_train_steps']} steps of "
-            f"{settings['train_batch_size']} pairs at lr {settings['learning_rate']:g}")
+             "dpo_chosen_target": f"`dpo_chosen_target`: {dpo}, plus {chosen_target}",
+             "kv_anchor": ("`kv_anchor`: the cross-attention keys and values of the caption as the adapter's user text "
+                           "edit rewrites it, regressed onto the frozen model's for the caption that drew the chosen "
+                           "image (a banned category's safe rewrite, an allowed one's own caption)")}
+    edit = settings.get("text_edit_layers", 0)
+    architecture = f", a user text edit of {edit} blocks" if edit else ""
+    return (f"{words[objective]}, {settings['num_user_tokens']} user tokens{architecture}, "
+            f"{settings['max_train_steps']} steps of {settings['train_batch_size']} pairs at lr "
+            f"{settings['learning_rate']:g}")
 
 
 def _finetune(record: dict) -> str:
