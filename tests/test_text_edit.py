@@ -141,6 +141,24 @@ def test_edit_text_scales_the_edit_and_is_a_no_op_without_an_edit(tiny_sd15_path
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2])
+def test_the_adapter_forward_with_text_returns_only_the_edit(tiny_sd15_path, num_tokens):
+    """What kv_anchor calls through the DDP wrapper: the edited text and the user tokens, and none of
+    the additive branch's tensors (DDP would wait for gradients that never come)."""
+    unet = load_unet(tiny_sd15_path)
+    adapter = randomize_edit_output(
+        PSAAdapter.for_unet(unet, USER_DIM, num_user_tokens=num_tokens, text_edit_layers=1).attach(unet))
+    text, users = torch.randn(2, 77, 32), torch.randn(2, USER_DIM)
+    with torch.no_grad():
+        only_edit = adapter(users, text=text)
+        torch.testing.assert_close(only_edit.edited_text, adapter.edit_text(text, adapter(users)))
+    assert only_edit.user_tokens is not None
+    assert (only_edit.output_offsets, only_edit.user_keys, only_edit.user_values) == (None, None, None)
+    adapter.detach(unet)
+    with pytest.raises(ValueError, match="no text edit"):
+        PSAAdapter.for_unet(unet, USER_DIM).attach(unet)(users, text=text)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2])
 def test_fresh_edit_is_the_identity_and_a_trained_one_changes_the_output_per_user(tiny_sd15_path, num_tokens):
     """num_tokens 1: the processor's fast path; 2: the general path. The additive user branch stays
     at its zero init, so any change comes from the text edit."""
@@ -460,3 +478,32 @@ def test_init_adapter_with_another_edit_depth_is_refused_before_loading(layers, 
                                          rf"text_edit_layers is {layers}"):
         PSATrainer(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "run", text_edit_layers=layers,
                                init_adapter=str(tmp_path / "deep")))
+
+
+@pytest.mark.slow
+def test_two_process_kv_anchor_run_leaves_the_additive_branch_unused_and_in_sync(tiny_sd15_path, tmp_path):
+    """A real two-process ``accelerate launch`` (gloo on CPU, as in test_training's DDP test): under
+    kv_anchor the additive branch gets no gradient, which DDP accepts only when told to look for
+    unused weights; the replicas end equal."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    data, embeds = write_sage_training_set(tmp_path / "pairs", n_units=8)
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(repo / "train_psa.py"),
+        "--pretrained_model", str(tiny_sd15_path), "--train_data", str(data / "metadata.jsonl"),
+        "--embeds_folder", str(embeds), "--output_dir", str(out), "--resolution", "16", "--train_batch_size", "2",
+        "--max_train_steps", "2", "--checkpointing_steps", "2", "--report_to", "none", "--learning_rate", "1e-2",
+        "--objective", "kv_anchor", "--text_edit_layers", "1", "--num_user_tokens", "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count("equal weight sums on all 2 processes") == 1
+    adapter = PSAAdapter.from_pretrained(out)
+    assert adapter.config.text_edit_layers == 1 and adapter.text_edit.proj_out.weight.abs().sum() > 0
+    assert all(layer.weight.abs().sum() == 0 for layer in adapter.to_v)  # never trained, never moved

@@ -136,7 +136,8 @@ class UserConditioning:
 
     Fast path (one token): ``output_offsets[l]`` (B, C_out) = ``W_o^l (scale W_v^l u)`` / rescale.
     General path: ``user_keys[l]``, ``user_values[l]`` (B, N, inner_dim) and ``scale``.
-    With a text edit: ``user_tokens`` (B, N, d_c), which the edit reads beside the text.
+    With a text edit: ``user_tokens`` (B, N, d_c), which the edit reads beside the text. Only
+    ``user_tokens`` and ``edited_text`` (B, L, d_c) when :meth:`PSAAdapter.forward` was given the text.
     """
 
     batch_size: int
@@ -145,6 +146,7 @@ class UserConditioning:
     user_keys: list[torch.Tensor] | None = None
     user_values: list[torch.Tensor] | None = None
     user_tokens: torch.Tensor | None = None
+    edited_text: torch.Tensor | None = None
 
     def check_batch(self, unet_batch: int) -> None:
         if unet_batch != self.batch_size:
@@ -345,28 +347,35 @@ class PSAAdapter(nn.Module):
         return self.config.num_user_tokens == 1 and self.fast_path
 
     def forward(
-        self, user_embeds: torch.Tensor, null_user: torch.Tensor | None = None, scale: float = 1.0
+        self, user_embeds: torch.Tensor, null_user: torch.Tensor | None = None, scale: float = 1.0,
+        text: torch.Tensor | None = None,
     ) -> UserConditioning:
-        """Per-layer user tensors for a batch of users (B, D); rows with ``null_user`` True get the null user."""
+        """Per-layer user tensors for a batch of users (B, D); rows with ``null_user`` True get the null user.
+
+        ``text`` (B, L, d_c), for an adapter with a text edit: return only that text edited for these
+        users (``edited_text``, with ``user_tokens``), not the per-layer tensors. Computed in this call
+        and nothing else, a DDP wrapper sees the edit's weights used and the additive branch unused.
+        """
         if not self._attention_layers:
             raise RuntimeError("attach the adapter to a UNet (adapter.attach(unet)) before conditioning it")
         tokens = self.user_proj(user_embeds.to(self.user_proj.proj.weight.device), null_user)  # (B, N, d_c)
-        batch = tokens.shape[0]
-        user_tokens = tokens if self.text_edit is not None else None
+        conditioning = UserConditioning(batch_size=tokens.shape[0], scale=scale,
+                                        user_tokens=tokens if self.text_edit is not None else None)
+        if text is not None:
+            if self.text_edit is None:
+                raise ValueError("this adapter has no text edit to apply to the text")
+            conditioning.edited_text = self.edit_text(text, conditioning)
+            return conditioning
         if self.uses_fast_path:
-            offsets = []
+            conditioning.output_offsets = []
             for to_v, attn in zip(self.to_v, self._attention_layers):
                 offset = _linear_no_bias(attn.to_out[0], scale * to_v(tokens[:, 0]))
-                offsets.append(offset / attn.rescale_output_factor)
-            return UserConditioning(batch_size=batch, scale=scale, output_offsets=offsets, user_tokens=user_tokens)
-        to_k = self.to_k if self.to_k is not None else self.to_v  # N=1 general path: key is irrelevant
-        return UserConditioning(
-            batch_size=batch,
-            scale=scale,
-            user_keys=[k(tokens) for k in to_k],
-            user_values=[v(tokens) for v in self.to_v],
-            user_tokens=user_tokens,
-        )
+                conditioning.output_offsets.append(offset / attn.rescale_output_factor)
+        else:
+            to_k = self.to_k if self.to_k is not None else self.to_v  # N=1 general path: key is irrelevant
+            conditioning.user_keys = [k(tokens) for k in to_k]
+            conditioning.user_values = [v(tokens) for v in self.to_v]
+        return conditioning
 
     def _edit_unet_text(self, unet: nn.Module, args: tuple, kwargs: dict):
         """UNet forward pre-hook: the call's ``encoder_hidden_states`` (keyword, or the third

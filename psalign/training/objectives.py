@@ -265,9 +265,9 @@ def kv_anchor_step_loss(
     to. Needs an adapter with a text edit; the latents are not used."""
     if getattr(adapter, "text_edit", None) is None or user_embeds is None:
         raise ValueError("the kv_anchor objective trains a PSA adapter's text edit: set text_edit_layers > 0")
-    conditioning = adapter_module(user_embeds, null_user)
+    # the edit runs inside the (possibly DDP-wrapped) adapter's forward, where DDP sees its weights used
+    edited = adapter_module(user_embeds, null_user, text=text.prompt_embeds).edited_text
     layers = adapter.attention_layers
-    edited = adapter.edit_text(text.prompt_embeds, conditioning)
     with torch.no_grad():
         anchor = cross_attention_kv(layers, anchor_text.prompt_embeds)
     return kv_anchor_loss(cross_attention_kv(layers, edited), anchor)
