@@ -481,10 +481,12 @@ def test_init_adapter_with_another_edit_depth_is_refused_before_loading(layers, 
 
 
 @pytest.mark.slow
-def test_two_process_kv_anchor_run_leaves_the_additive_branch_unused_and_in_sync(tiny_sd15_path, tmp_path):
-    """A real two-process ``accelerate launch`` (gloo on CPU, as in test_training's DDP test): under
+@pytest.mark.parametrize("objective", ["kv_anchor", "dpo"])
+def test_two_process_runs_with_a_text_edit_stay_in_sync(objective, tiny_sd15_path, tmp_path):
+    """A real two-process ``accelerate launch`` (gloo on CPU, as in test_training's DDP test). Under
     kv_anchor the additive branch gets no gradient, which DDP accepts only when told to look for
-    unused weights; the replicas end equal."""
+    unused weights; under dpo the edit runs in the UNet's pre-hook, outside the DDP forward, and
+    every weight trains. Either way the replicas end equal."""
     import os
     import subprocess
     import sys
@@ -498,7 +500,7 @@ def test_two_process_kv_anchor_run_leaves_the_additive_branch_unused_and_in_sync
         "--pretrained_model", str(tiny_sd15_path), "--train_data", str(data / "metadata.jsonl"),
         "--embeds_folder", str(embeds), "--output_dir", str(out), "--resolution", "16", "--train_batch_size", "2",
         "--max_train_steps", "2", "--checkpointing_steps", "2", "--report_to", "none", "--learning_rate", "1e-2",
-        "--objective", "kv_anchor", "--text_edit_layers", "1", "--num_user_tokens", "2",
+        "--objective", objective, "--text_edit_layers", "1", "--num_user_tokens", "2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
@@ -506,4 +508,5 @@ def test_two_process_kv_anchor_run_leaves_the_additive_branch_unused_and_in_sync
     assert result.stdout.count("equal weight sums on all 2 processes") == 1
     adapter = PSAAdapter.from_pretrained(out)
     assert adapter.config.text_edit_layers == 1 and adapter.text_edit.proj_out.weight.abs().sum() > 0
-    assert all(layer.weight.abs().sum() == 0 for layer in adapter.to_v)  # never trained, never moved
+    additive_moved = [bool(layer.weight.abs().sum() > 0) for layer in adapter.to_v]
+    assert additive_moved == [objective == "dpo"] * len(adapter.to_v)  # kv_anchor never trains the branch
