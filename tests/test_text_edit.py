@@ -510,3 +510,26 @@ def test_two_process_runs_with_a_text_edit_stay_in_sync(objective, tiny_sd15_pat
     assert adapter.config.text_edit_layers == 1 and adapter.text_edit.proj_out.weight.abs().sum() > 0
     additive_moved = [bool(layer.weight.abs().sum() > 0) for layer in adapter.to_v]
     assert additive_moved == [objective == "dpo"] * len(adapter.to_v)  # kv_anchor never trains the branch
+
+
+@pytest.mark.parametrize("objective", ["kv_anchor", "dpo"])
+def test_bf16_runs_train_the_fp32_edit_through_gradient_checkpointing(objective, tiny_sd15_path, sage_set, tmp_path):
+    """Frozen bf16 models, fp32 edit weights. Under dpo the edited text enters the UNet's recomputed
+    (checkpointed) blocks, and the gradient must still reach the edit."""
+    from safetensors.torch import load_file
+
+    data, embeds = sage_set
+    out = tmp_path / "run"
+    trainer = PSATrainer(tiny_config(tiny_sd15_path, data, embeds, out, objective=objective, text_edit_layers=1,
+                                     mixed_precision="bf16", gradient_checkpointing=True, learning_rate=1e-4,
+                                     max_train_steps=3, checkpointing_steps=1))
+    assert trainer.unet.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.adapter.text_edit.parameters())
+    trainer.train()
+    # step 1 moves the zero-initialised output projection; from then on every edit weight has gradients
+    before = load_file(str(out / "checkpoint-1" / "model.safetensors"))
+    after = load_file(str(out / "checkpoint-3" / "model.safetensors"))
+    for name in (k for k in after if k.startswith("text_edit.")):
+        assert after[name].dtype == torch.float32
+        moved = (after[name] != before[name]).float().mean().item()
+        assert moved > 0.9, f"{name}: only {moved:.0%} of the weights moved"
