@@ -480,6 +480,9 @@ class PSATrainer:
                     "model_type": self.inputs.model_type}
             path = self.kind.save(self.adapter, state, self.output_dir, info, self.is_sdxl)
             accelerator.print(f"{self.kind.written} written to {path}")
+        # Every process leaves together, none tearing its process group down while another still
+        # works (a loaded two-process CPU run once hung in the gloo teardown after the save).
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         return self.output_dir
 
