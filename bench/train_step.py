@@ -4,12 +4,15 @@ Both variants train the same PSA adapter (one user token) with Diffusion-DPO on 
 UNet architecture (random weights, nothing downloaded), with the same batch, latents and text:
 
 * ``psalign``: cached latents (no VAE in memory); the reference prediction is the same UNet
-  with the adapter switched off (``psalign.training.trainer.dpo_step_loss``, the trainer's code);
+  with the adapter switched off (``psalign.training.objectives.dpo_step_loss``, the trainer's code);
 * ``published``: the published structure: a second full UNet copy as the reference, the SD1.5
   VAE encoding the chosen and rejected images and the SD1.5 CLIP text encoder encoding the
   captions at every step, and the published adapter processor
   (an extra attention call over the user token in every cross-attention layer, forward and
-  backward, instead of psalign's exact one-token fast path).
+  backward, instead of psalign's exact one-token fast path);
+* ``kv_anchor``: an adapter with a two-block user text edit trained with the ``kv_anchor`` objective
+  (``psalign.training.objectives.kv_anchor_step_loss``): the cached caption and its safe rewrite
+  through the edit and the cross-attention layers' key/value projections, no UNet pass.
 
 Each measurement runs in its own process (so peak memory is that variant's alone: peak RSS from
 ``getrusage`` on CPU, ``max_memory_allocated`` on CUDA); the variants alternate (A B A B ...).
@@ -54,7 +57,7 @@ SD15_TEXT_ENCODER = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, hidden_act="quick_gelu",
 )
-VARIANTS = ("psalign", "published")
+VARIANTS = ("psalign", "published", "kv_anchor")
 
 
 def measure(variant: str, args: argparse.Namespace) -> dict:
@@ -64,7 +67,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     from psalign.adapter import PSAAdapter
     from psalign.loss import diffusion_dpo_loss, regression_target
     from psalign.training.conditioning import TextConditioning, vae_latents
-    from psalign.training.trainer import dpo_step_loss
+    from psalign.training.objectives import dpo_step_loss, kv_anchor_step_loss
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
@@ -83,7 +86,8 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
 
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)).requires_grad_(False).eval().to(device, dtype)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    adapter = PSAAdapter.for_unet(unet, USER_DIM).attach(unet).to(device)
+    adapter = PSAAdapter.for_unet(unet, USER_DIM, text_edit_layers=2 if variant == "kv_anchor" else 0)
+    adapter = adapter.attach(unet).to(device)
     adapter.fast_path = variant == "psalign"
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=5e-6)
 
@@ -91,6 +95,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     pixels = torch.rand(2 * pairs, 3, 8 * size, 8 * size, device=device) * 2 - 1
     cached_latents = torch.randn(2 * pairs, 4, size, size, device=device)
     text = torch.randn(pairs, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    safe_text = torch.randn(pairs, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     token_ids = torch.randint(0, SD15_TEXT_ENCODER["vocab_size"], (pairs, 77), device=device)
     users = torch.randn(pairs, USER_DIM, device=device)
     null_user = torch.zeros(pairs, dtype=torch.bool, device=device)
@@ -114,7 +119,11 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
         target = regression_target(scheduler, latents, noise, timesteps)
         return diffusion_dpo_loss(model_pred.float(), reference_pred.float(), target.float(), beta=5000.0)
 
-    step = psalign_step if variant == "psalign" else published_step
+    def kv_anchor_step():
+        return kv_anchor_step_loss(adapter, adapter, TextConditioning(text), TextConditioning(safe_text), users,
+                                   null_user)
+
+    step = {"psalign": psalign_step, "published": published_step, "kv_anchor": kv_anchor_step}[variant]
     times = []
     for i in range(args.warmup + args.steps):
         sync()
