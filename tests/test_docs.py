@@ -144,4 +144,3 @@ def test_the_toy_world_and_benchmark_notes_exist_and_the_readme_links_them():
         path = ROOT / name
         assert path.is_file() and path.read_text(encoding="utf-8").startswith("# "), name
         assert re.search(rf"\]\({re.escape(name)}(#[\w-]+)?\)", readme), name
-
