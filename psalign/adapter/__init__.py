@@ -11,6 +11,7 @@ from .adapter import (
 )
 from .processor import UserCrossAttnProcessor
 from .serialization import AdapterSummary, convert_published_checkpoint, inspect_adapter, load_adapter
+from .text_edit import UserTextEdit
 
 __all__ = [
     "SDXL_MICRO_CONDITIONINGS",
@@ -20,6 +21,7 @@ __all__ = [
     "UserConditioning",
     "UserCrossAttnProcessor",
     "UserProjection",
+    "UserTextEdit",
     "convert_published_checkpoint",
     "cross_attention_layers",
     "inspect_adapter",
