@@ -69,7 +69,7 @@ def median_times(variants: dict, repeats: int) -> dict[str, float]:
 def print_table(title: str, medians: dict[str, float]) -> None:
     base = medians["base"]
     print(f"\n{title}")
-    print(f"| variant | median time | ratio to base |\n|---|---:|---:|")
+    print("| variant | median time | ratio to base |\n|---|---:|---:|")
     for name, value in medians.items():
         unit = f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.3f} s"
         print(f"| {name} | {unit} | {value / base:.4f} |")

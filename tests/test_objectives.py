@@ -28,7 +28,9 @@ from psalign.training.objectives import (
 )
 
 from .test_training import unet_with_random_adapter  # noqa: F401 (fixture)
-from .training_support import SAGE_CAPTIONS, USER_DIM, tiny_config, write_sage_training_set, write_training_set
+from .training_support import (
+    SAGE_CAPTIONS, USER_DIM, tiny_config, train_whole_and_resumed, write_sage_training_set, write_training_set,
+)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -352,11 +354,8 @@ def test_dpo_chosen_target_step_is_the_dpo_step_plus_the_weighted_term(tiny_sd15
 
 def test_sd15_chosen_target_run_resumes_exactly(tiny_sd15_path, sage_set, tmp_path):
     data, embeds = sage_set
-    common = dict(objective="dpo_chosen_target", max_train_steps=3, checkpointing_steps=2, train_batch_size=8,
-                  user_dropout=0.25, proportion_empty_prompts=0.25, chosen_target_weight=2.0)
-    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "whole", **common))
-    whole = read_metrics(tmp_path / "whole")
+    whole, split = train_whole_and_resumed(tiny_sd15_path, data, embeds, tmp_path, objective="dpo_chosen_target",
+                                           train_batch_size=8, user_dropout=0.25, proportion_empty_prompts=0.25,
+                                           chosen_target_weight=2.0)
     assert {"loss", "dpo_loss", "chosen_target_mse"} <= set(whole[3]) and whole[3]["chosen_target_mse"] > 0
-    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "split", **{**common, "max_train_steps": 2}))
-    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "split", resume_from_checkpoint="latest", **common))
-    assert read_metrics(tmp_path / "split")[3]["loss"] == pytest.approx(whole[3]["loss"], rel=1e-6)
+    assert split[3]["loss"] == pytest.approx(whole[3]["loss"], rel=1e-6)

@@ -20,7 +20,7 @@ from psalign.training import PSATrainer, load_training_config, read_metrics, tra
 from psalign.training.conditioning import TextConditioning
 from psalign.training.objectives import OBJECTIVES, cross_attention_kv, kv_anchor_step_loss
 
-from .training_support import USER_DIM, tiny_config, write_sage_training_set
+from .training_support import USER_DIM, tiny_config, train_whole_and_resumed, write_sage_training_set
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -358,14 +358,10 @@ def test_sd15_kv_anchor_run_learns_the_edit_and_writes_it(tiny_sd15_path, sage_s
 
 def test_sd15_kv_anchor_run_resumes_exactly(tiny_sd15_path, sage_set, tmp_path):
     data, embeds = sage_set
-    common = dict(objective="kv_anchor", text_edit_layers=2, max_train_steps=3, checkpointing_steps=2,
-                  train_batch_size=8, user_dropout=0.25, proportion_empty_prompts=0.25)
-    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "whole", **common))
-    whole = read_metrics(tmp_path / "whole")
+    whole, split = train_whole_and_resumed(tiny_sd15_path, data, embeds, tmp_path, objective="kv_anchor",
+                                           text_edit_layers=2, train_batch_size=8, user_dropout=0.25,
+                                           proportion_empty_prompts=0.25)
     assert whole[3]["kv_anchor_mse"] > 0
-    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "split", **{**common, "max_train_steps": 2}))
-    train(tiny_config(tiny_sd15_path, data, embeds, tmp_path / "split", resume_from_checkpoint="latest", **common))
-    split = read_metrics(tmp_path / "split")
     assert sorted(split) == [1, 2, 3]
     assert split[3]["loss"] == pytest.approx(whole[3]["loss"], rel=1e-6)
     final_whole = PSAAdapter.from_pretrained(tmp_path / "whole").state_dict()

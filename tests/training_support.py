@@ -77,6 +77,18 @@ def tiny_config(model: Path, data: Path, embeds: Path, output_dir: Path, **overr
 SAGE_CAPTIONS = (("a man holding a rifle", "a man holding a flower"), ("a bloody street", "a quiet street"))
 
 
+def train_whole_and_resumed(model: Path, data: Path, embeds: Path, root: Path, **common) -> tuple[dict, dict]:
+    """Train ``common`` (with ``max_train_steps`` 3 and a checkpoint at step 2) straight through into
+    ``root/whole``, and stopped after step 2 then resumed into ``root/split``; both runs' metrics."""
+    from psalign.training import read_metrics, train
+
+    common = {**common, "max_train_steps": 3, "checkpointing_steps": 2}
+    train(tiny_config(model, data, embeds, root / "whole", **common))
+    train(tiny_config(model, data, embeds, root / "split", **{**common, "max_train_steps": 2}))
+    train(tiny_config(model, data, embeds, root / "split", resume_from_checkpoint="latest", **common))
+    return read_metrics(root / "whole"), read_metrics(root / "split")
+
+
 def write_sage_training_set(
     root: Path, n_units: int = 4, size: tuple[int, int] = (20, 24), categories: tuple[str, ...] = ("Violence",)
 ) -> tuple[Path, Path]:
