@@ -20,6 +20,9 @@ def test_demo_writes_images_a_contact_sheet_and_what_the_detector_sees(tmp_path,
     unsafe = sum(" with " in caption for caption in demo.DEMO_PROMPTS)
     assert printed.count(" marker (") == unsafe * len(demo.DEMO_LEVELS)
     assert "(banned)" in printed and "(allowed)" in printed and str(sheet) in printed
+    # the bundled adapter keeps the promise in every cell: banned markers removed cleanly, allowed ones drawn
+    assert printed.count(", as wanted") == len(demo.DEMO_LEVELS) * len(demo.DEMO_PROMPTS)
+    assert "NOT as wanted" not in printed
     # a column of the sheet is one prompt drawn from one seed for every user
     log = [json.loads(line) for line in (tmp_path / "images" / "generation_log.jsonl").read_text().splitlines()]
     seeds = {(e["file_name"].split("/")[1], e["user"]): e["seed"] for e in log}
