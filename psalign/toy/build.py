@@ -672,7 +672,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of every stage")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")
-    parser.add_argument("--psa_config", type=Path, default=defaults.psa_config, help="PSA training YAML")
+    parser.add_argument("--psa_config", type=Path, default=defaults.psa_config, help="PSA training YAML (default: the bundled "
+                        "recipe, configs/toy_kv_anchor.yaml; configs/toy.yaml for the published loss)")
     parser.add_argument("--psa_finetune_config", type=Path, default=None,
                         help="a second PSA training YAML run from the first run's adapter, whose result is bundled "
                              "(e.g. configs/toy_safe_anchor.yaml; default: none)")
